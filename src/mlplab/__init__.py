@@ -1,0 +1,1 @@
+"""mlplab: a PyTorch Lightning + Hydra kit for studying how small networks learn."""

@@ -1,0 +1,116 @@
+"""The LightningModule: a plain model + a loss + metrics + the optimiser choice."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from mlplab.information import entropy_from_logits
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class Classifier(L.LightningModule):
+    """Trains `model` with `loss` and logs stage/name metrics.
+
+    Logged: train/loss, train/acc, val/loss, val/acc, val/entropy_bits (mean predictive entropy
+    of softmax outputs, in bits), test/loss, test/acc, and test/acc_class_<i> per class.
+    Every metric is a torchmetrics object: it accumulates on the device and is reduced over
+    DDP ranks when computed, so no step forces a host sync.
+
+    Args:
+        model: maps (B, D) inputs to (B, K) logits.
+        loss: loss(logits, targets) -> scalar.
+        optimizer: a partial optimiser, completed here with the model's parameters.
+        num_classes: K.
+        scheduler: an optional partial LR scheduler, completed with the optimiser; stepped
+            once per epoch.
+        divergence_check_interval: check the training loss for NaN/inf every this many steps.
+            On the CPU a check is free, so 1 stops the run on the very step; on a GPU each check
+            waits for the device, so `trainer=gpu` checks at the logging interval.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.Module,
+        optimizer: partial,
+        num_classes: int,
+        scheduler: partial | None = None,
+        divergence_check_interval: int = 1,
+    ) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.divergence_check_interval = divergence_check_interval
+        acc = partial(MulticlassAccuracy, num_classes, average="micro", validate_args=False)
+        self.train_acc, self.val_acc, self.test_acc = acc(), acc(), acc()
+        self.val_loss, self.test_loss, self.val_entropy = MeanMetric(), MeanMetric(), MeanMetric()
+        self.test_class_acc = MulticlassAccuracy(num_classes, average=None, validate_args=False)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # (B, D) -> (B, K) logits
+        return self.model(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self.model(x)
+        loss = self.loss(logits, y)
+        if batch_idx % self.divergence_check_interval == 0 and not torch.isfinite(loss):
+            raise DivergenceError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
+                f"(batch {batch_idx} of the epoch). Lower optimizer.lr (now {self.optimizer.keywords.get('lr')}) "
+                "or pick a loss/init that keeps the logits finite; checkpoints written before are kept."
+            )
+        self.train_acc.update(logits, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.model(x)
+        self.val_loss.update(self.loss(logits, y), weight=len(y))
+        self.val_acc.update(logits, y)
+        self.val_entropy.update(entropy_from_logits(logits, base=2))
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+        self.log("val/entropy_bits", self.val_entropy)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        x, y = batch
+        logits = self.model(x)
+        self.test_loss.update(self.loss(logits, y), weight=len(y))
+        self.test_acc.update(logits, y)
+        self.test_class_acc.update(logits, y)
+        self.test_confusion.update(logits, y)
+        self.log("test/loss", self.test_loss)
+        self.log("test/acc", self.test_acc)
+        return {"logits": logits.detach()}  # read by the figure callback
+
+    def on_test_epoch_end(self) -> None:
+        for i, acc in enumerate(self.test_class_acc.compute()):
+            self.log(f"test/acc_class_{i}", acc)
+        self.test_class_acc.reset()
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Global RNG state (dropout masks), so a resumed run continues the same random stream.
+        checkpoint["rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_state"])

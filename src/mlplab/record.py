@@ -1,0 +1,111 @@
+"""What a run leaves behind besides Lightning's own files: metrics.json and the means to repeat it.
+
+metrics.json (written by global rank 0, at the end and on every failure) holds:
+    status            "ok" | "failed" | "interrupted"
+    error             one line naming what went wrong, or null
+    metrics           final {"val/acc", "val/loss", "val/entropy_bits", "test/acc", "test/loss", ...}
+    per_class_test_acc  {class name: accuracy}
+    history           one row per finished epoch: {"epoch", "train/loss", "train/acc", "val/acc", ...}
+    epochs            finished epochs
+    wall_time_s       seconds from the start of run() to the end
+    best_checkpoint, last_checkpoint  paths, or null
+    choices, overrides  the Hydra group choices and command-line overrides of this job
+    environment       python and package versions, git commit (and whether the tree was dirty), host
+The resolved config is saved beside it as resolved_config.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+METRICS_FILE = "metrics.json"
+PACKAGES = ("mlplab", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "torchmetrics", "tensorboard",
+            "numpy")
+
+
+def environment() -> dict[str, Any]:
+    """Python, package versions and the git commit of the code, for repeating a run."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    source = Path(__file__).resolve().parent
+    git = {"commit": None, "dirty": None}
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode == 0:
+            status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10)
+            git = {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # no git here: the versions still say what ran
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname(),
+            "argv": sys.argv, "packages": versions, "git": git}
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+
+
+def write_metrics(run_dir: str | Path, record: dict[str, Any]) -> None:
+    """Writes metrics.json atomically (a killed job never leaves half a file)."""
+    path = Path(run_dir) / METRICS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+class EpochHistory(L.Callback):
+    """Collects the epoch-level metrics after each training epoch (validation included)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float | int | None]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        row: dict[str, float | int | None] = {"epoch": trainer.current_epoch}
+        for name, value in trainer.callback_metrics.items():
+            if name.endswith("_step"):
+                continue
+            row[name.removesuffix("_epoch")] = _finite_or_none(float(value))
+        self.rows.append(row)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict["rows"])  # a resumed run keeps the epochs before the interruption
+
+
+class InterruptCheckpoint(OnExceptionCheckpoint):
+    """Saves `interrupted.ckpt` on Ctrl-C or SIGTERM only.
+
+    Lightning's OnExceptionCheckpoint saves on any exception; after a NaN loss that would write
+    a checkpoint of diverged weights, so other exceptions are let through untouched.
+    """
+
+    def __init__(self, dirpath: str | Path, filename: str = "interrupted") -> None:
+        super().__init__(dirpath=dirpath, filename=filename)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            super().on_exception(trainer, pl_module, exception)

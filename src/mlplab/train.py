@@ -1,0 +1,193 @@
+"""run(cfg): check config -> seed -> data -> module -> logger -> trainer -> fit -> test -> record."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard.summary import hparams
+
+from mlplab.data import DataError
+from mlplab.module import Classifier, DivergenceError
+from mlplab.record import EpochHistory, environment, write_metrics
+
+log = logging.getLogger(__name__)
+
+HPARAM_METRICS = ("val/acc", "test/acc", "test/loss")  # the HParams tab's metric columns
+
+
+class ConfigError(ValueError):
+    """A config value is out of range; the message names the key, the value and what is allowed."""
+
+
+# Errors whose message already says what to do: printed as one line, without a traceback.
+EXPECTED_ERRORS = (ConfigError, DataError, DivergenceError)
+
+
+def ddp_strategy(**kwargs: Any) -> DDPStrategy:
+    """DDP that is safe under Hydra, multiruns included.
+
+    Lightning's default DDP launcher re-runs the script for each extra rank with the original
+    command line, so under `-m` rank 1 re-runs the whole sweep in a new sweep dir
+    (Lightning-AI/pytorch-lightning#11300, facebookresearch/hydra#2070). Here, when Lightning
+    must start the processes itself, they are spawned from inside the job instead (no
+    re-run of the script, no Hydra in the children). When torchrun or SLURM has already
+    started one process per device, Lightning's default ("popen") launcher starts nothing.
+    """
+    external = TorchElasticEnvironment.detect() or SLURMEnvironment.detect()
+    return DDPStrategy(start_method="popen" if external else "spawn", **kwargs)
+
+
+def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
+    """instantiate(cfg[key]) with constructor errors reported against the config key."""
+    try:
+        return instantiate(OmegaConf.select(cfg, key, throw_on_missing=True), **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        raise ConfigError(f"{key}.{cause}" if isinstance(cause, ValueError) else f"{key}: {cause}") from err
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Range checks for values that no constructor sees before training starts."""
+    lr = cfg.optimizer.lr
+    if isinstance(lr, bool) or not isinstance(lr, Real) or not lr > 0:
+        raise ConfigError(f"optimizer.lr={lr!r} must be a number > 0")
+    epochs = cfg.trainer.max_epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"trainer.max_epochs={epochs!r} must be an integer >= 1")
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir={str(out)!r} is not writable ({err.strerror}). Run from a folder you can "
+                          "write to, or set hydra.run.dir=/writable/path (hydra.sweep.dir for -m).") from err
+
+
+def hydra_job_info() -> dict[str, Any]:
+    """The group choices and overrides of this Hydra job (empty outside Hydra)."""
+    if not HydraConfig.initialized():
+        return {"choices": {}, "overrides": []}
+    hc = HydraConfig.get()
+    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/") and v is not None}
+    return {"choices": choices, "overrides": list(hc.overrides.task)}
+
+
+def hparams_of(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
+    """The resolved config flattened to 'a/b' -> scalar, plus the group choices, for HParams."""
+    flat: dict[str, Any] = {f"choice/{k}": v for k, v in choices.items()}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}/{k}" if prefix else str(k))
+        elif isinstance(node, (bool, int, float, str)):
+            flat[prefix] = node
+        else:  # lists and nulls become readable strings
+            flat[prefix] = str(node)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    walk({k: v for k, v in resolved.items() if k not in ("output_dir", "callbacks", "logger")}, "")
+    return flat
+
+
+def log_hparams(logger: L.pytorch.loggers.TensorBoardLogger, params: dict[str, Any]) -> None:
+    """Writes one HParams session whose metric columns read the scalars already logged.
+
+    Lightning's `log_hyperparams(params, metrics)` would log the metric values again at step 0,
+    which puts the final val/acc at the start of its curve; torch's `hparams()` summary names
+    the metric tags only, and TensorBoard reads each one's last logged value.
+    """
+    experiment, session_start, session_end = hparams(params, {name: 0.0 for name in HPARAM_METRICS})
+    writer = logger.experiment._get_file_writer()  # SummaryWriter has no public call for this summary
+    for summary in (experiment, session_start, session_end):
+        writer.add_summary(summary)
+    logger.experiment.flush()
+
+
+def epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """trainer.callback_metrics as floats, epoch values only, named without Lightning's _epoch suffix."""
+    return {k.removesuffix("_epoch"): float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Trains and tests one configuration; returns the metrics.json record.
+
+    Every outcome, failures and interruptions included, ends in metrics.json (rank 0 only).
+    """
+    start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    record: dict[str, Any] = {"status": "failed", "error": None, "metrics": {}, "per_class_test_acc": {},
+                              "history": [], "epochs": 0, "wall_time_s": None, "best_checkpoint": None,
+                              "last_checkpoint": None, "resumed_from": cfg.ckpt_path, **hydra_job_info(),
+                              "environment": environment()}
+    history = EpochHistory()
+    trainer: L.Trainer | None = None
+    try:
+        check_config(cfg)
+        OmegaConf.save(cfg, out / "resolved_config.yaml", resolve=True)
+        if cfg.torch_threads is not None:
+            torch.set_num_threads(cfg.torch_threads)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+        datamodule = build(cfg, "data")
+        model = build(cfg, "model", in_features=datamodule.input_size, num_classes=datamodule.num_classes,
+                      activation=build(cfg, "activation"))
+        module = Classifier(model=model, loss=build(cfg, "loss"), optimizer=build(cfg, "optimizer"),
+                            num_classes=datamodule.num_classes,
+                            scheduler=build(cfg, "scheduler") if cfg.scheduler is not None else None)
+        logger = build(cfg, "logger")
+        callbacks = [*(build(cfg, f"callbacks.{name}") for name in cfg.callbacks), history]
+        trainer = build(cfg, "trainer", logger=logger, callbacks=callbacks, default_root_dir=str(out))
+
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+        record["metrics"] = epoch_metrics(trainer)
+        if best is not None:
+            record["metrics"]["val/acc_best"] = float(checkpoint.best_model_score)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        metrics = epoch_metrics(trainer)
+        record["metrics"].update({k: v for k, v in metrics.items() if not k.startswith("test/acc_class_")})
+        record["per_class_test_acc"] = {name: metrics[f"test/acc_class_{i}"]
+                                        for i, name in enumerate(datamodule.classes)}
+        record["status"] = "ok"
+        if trainer.is_global_zero:
+            log_hparams(logger, hparams_of(cfg, record["choices"]))
+        return record
+    except (KeyboardInterrupt, SIGTERMException) as err:
+        record["status"], record["error"] = "interrupted", type(err).__name__
+        raise SystemExit(130 if isinstance(err, KeyboardInterrupt) else 143) from err
+    except SystemExit as err:  # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown
+        record["status"], record["error"] = "interrupted", f"SystemExit({err.code})"
+        raise
+    except Exception as err:
+        record["error"] = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        record["wall_time_s"] = round(time.perf_counter() - start, 3)
+        record["history"] = history.rows
+        record["epochs"] = len(history.rows)
+        checkpoints = out / "checkpoints"
+        if trainer is not None and trainer.checkpoint_callback is not None:
+            record["best_checkpoint"] = trainer.checkpoint_callback.best_model_path or None
+        record["last_checkpoint"] = str(checkpoints / "last.ckpt") if (checkpoints / "last.ckpt").exists() else None
+        record["metrics"] = {k: v for k, v in record["metrics"].items() if math.isfinite(v)}
+        if (trainer is None or trainer.is_global_zero) and out.is_dir() and os.access(out, os.W_OK):
+            write_metrics(out, record)

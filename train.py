@@ -1,0 +1,41 @@
+"""Train and test one configuration, or a sweep of them with -m.
+
+    python train.py                              # MLP on MNIST, the defaults in conf/train.yaml
+    python train.py -m activation=relu,selu      # one job per value, under outputs/multirun/
+"""
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from mlplab.train import EXPECTED_ERRORS, run
+
+log = logging.getLogger("mlplab")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        record = run(cfg)
+    except Exception as err:
+        # run() has recorded the failure in the job's metrics.json. A sweep goes on with its
+        # other jobs (the sweep report exits non-zero at the end); a single run stops here.
+        if multirun:
+            log.error("job failed: %s: %s (recorded in %s/metrics.json)", type(err).__name__, err, cfg.output_dir)
+            return None
+        if isinstance(err, EXPECTED_ERRORS):
+            sys.exit(f"error: {err}")
+        raise
+    metrics = record["metrics"]
+    print(f"test/acc {metrics['test/acc']:.4f}  test/loss {metrics['test/loss']:.4f}  "
+          f"{record['epochs']} epochs  {record['wall_time_s']:.1f} s  {cfg.output_dir}")
+    return metrics["val/acc"]  # what an Optuna sweep maximises
+
+
+if __name__ == "__main__":
+    main()

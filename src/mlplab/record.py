@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 METRICS_FILE = "metrics.json"
@@ -96,16 +96,18 @@ class EpochHistory(L.Callback):
         self.rows = list(state_dict["rows"])  # a resumed run keeps the epochs before the interruption
 
 
-class InterruptCheckpoint(OnExceptionCheckpoint):
-    """Saves `interrupted.ckpt` on Ctrl-C or SIGTERM only.
+class InterruptCheckpoint(L.Callback):
+    """Saves `<dirpath>/interrupted.ckpt` (mid-epoch weights) on Ctrl-C or SIGTERM only.
 
-    Lightning's OnExceptionCheckpoint saves on any exception; after a NaN loss that would write
-    a checkpoint of diverged weights, so other exceptions are let through untouched.
+    Not Lightning's OnExceptionCheckpoint: that one saves on any exception, which after a NaN
+    loss writes diverged weights, and its presence makes every fit(ckpt_path=None) look for a
+    checkpoint to resume. A resume that must match an uninterrupted run starts from last.ckpt
+    (an epoch boundary); interrupted.ckpt keeps the partial epoch's weights for inspection.
     """
 
     def __init__(self, dirpath: str | Path, filename: str = "interrupted") -> None:
-        super().__init__(dirpath=dirpath, filename=filename)
+        self.path = Path(dirpath) / f"{filename}.ckpt"
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
-            super().on_exception(trainer, pl_module, exception)
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.state.fn == TrainerFn.FITTING:
+            trainer.save_checkpoint(self.path)

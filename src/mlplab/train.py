@@ -138,6 +138,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                               "last_checkpoint": None, "resumed_from": cfg.ckpt_path, **hydra_job_info(),
                               "environment": environment()}
     history = EpochHistory()
+    history_rows: list[dict] | None = None
     trainer: L.Trainer | None = None
     try:
         check_config(cfg)
@@ -153,10 +154,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                             num_classes=datamodule.num_classes,
                             scheduler=build(cfg, "scheduler") if cfg.scheduler is not None else None)
         logger = build(cfg, "logger")
-        callbacks = [*(build(cfg, f"callbacks.{name}") for name in cfg.callbacks), history]
+        # trainer.enable_progress_bar=false must not meet a progress-bar callback (Lightning refuses the pair)
+        names = [n for n in cfg.callbacks if n != "progress_bar" or cfg.trainer.enable_progress_bar]
+        callbacks = [*(build(cfg, f"callbacks.{name}") for name in names), history]
         trainer = build(cfg, "trainer", logger=logger, callbacks=callbacks, default_root_dir=str(out))
 
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        history_rows = list(history.rows)  # test() restores callback state from the best checkpoint
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
         record["metrics"] = epoch_metrics(trainer)
@@ -182,8 +186,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         record["wall_time_s"] = round(time.perf_counter() - start, 3)
-        record["history"] = history.rows
-        record["epochs"] = len(history.rows)
+        record["history"] = history_rows if history_rows is not None else history.rows
+        record["epochs"] = len(record["history"])
         checkpoints = out / "checkpoints"
         if trainer is not None and trainer.checkpoint_callback is not None:
             record["best_checkpoint"] = trainer.checkpoint_callback.best_model_path or None

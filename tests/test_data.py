@@ -399,18 +399,9 @@ def test_missing_file_is_named_by_prepare_data(raw, name, no_download):
     assert time.perf_counter() - start < 5
 
 
-MISSING_TEST_FILE_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="bug: load_split(..., 'train') builds torchvision's MNIST, whose existence check needs all four "
-    "files, so a missing test file surfaces as torchvision's 'Dataset not found' RuntimeError naming no file",
-)
-
-
 @pytest.mark.parametrize(
     "name",
-    [TRAIN_IMAGES, TRAIN_LABELS, pytest.param(TEST_IMAGES, marks=MISSING_TEST_FILE_BUG),
-     pytest.param(TEST_LABELS, marks=MISSING_TEST_FILE_BUG)],
+    [TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS],
 )
 def test_missing_file_is_named_by_setup(raw, name, no_download):
     (raw / name).unlink()

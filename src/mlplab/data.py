@@ -134,8 +134,13 @@ def ensure_split_files(root: str | Path, dataset: str, split: str) -> None:
 
 
 def load_split(root: str | Path, dataset: str, split: str) -> tuple[Tensor, Tensor]:
-    """Reads one split as uint8 images (N, 28, 28) and int64 labels (N,), after checking its files."""
-    ensure_split_files(root, dataset, split)
+    """Reads one split as uint8 images (N, 28, 28) and int64 labels (N,), after checking the files.
+
+    All four files are checked, not just this split's: torchvision's class refuses to load either
+    split unless all four are there, with an error that names none of them.
+    """
+    for each_split in IDX_FILES:
+        ensure_split_files(root, dataset, each_split)
     info = DATASETS[dataset]
     ds = info.torchvision_class(str(root), train=split == "train", download=False)
     return ds.data, ds.targets

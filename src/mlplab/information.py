@@ -19,17 +19,22 @@ def _log(x: Tensor, base: float) -> Tensor:
 
 def entropy(p: Tensor, base: float = 2.0) -> Tensor:
     """H(p) = -sum_i p_i log p_i.  (..., K) -> (...)"""
-    return -torch.where(p > 0, p * _log(p.clamp_min(torch.finfo(p.dtype).tiny), base), 0.0).sum(-1)
+    return -(p * _log_where_p(p, p, base)).sum(-1)
+
+
+def _log_where_p(p: Tensor, x: Tensor, base: float) -> Tensor:
+    """log x where p > 0, else 0; the masked entries never reach log (so no 0 * inf gradient)."""
+    return _log(torch.where(p > 0, x, torch.ones_like(x)), base)
 
 
 def cross_entropy(p: Tensor, q: Tensor, base: float = 2.0) -> Tensor:
     """H(p, q) = -sum_i p_i log q_i; infinite where q_i = 0 < p_i.  (..., K), (..., K) -> (...)"""
-    return -torch.where(p > 0, p * _log(q, base), 0.0).sum(-1)
+    return -(p * _log_where_p(p, q, base)).sum(-1)
 
 
 def kl_divergence(p: Tensor, q: Tensor, base: float = 2.0) -> Tensor:
     """KL(p || q) = sum_i p_i log(p_i / q_i) = H(p, q) - H(p) >= 0.  (..., K), (..., K) -> (...)"""
-    return torch.where(p > 0, p * (_log(p.clamp_min(torch.finfo(p.dtype).tiny), base) - _log(q, base)), 0.0).sum(-1)
+    return (p * (_log_where_p(p, p, base) - _log_where_p(p, q, base))).sum(-1)
 
 
 def entropy_from_logits(logits: Tensor, base: float = 2.0) -> Tensor:
@@ -37,5 +42,8 @@ def entropy_from_logits(logits: Tensor, base: float = 2.0) -> Tensor:
 
     (..., K) logits -> (...) entropy; 0 for a certain prediction, log_base(K) for a uniform one.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1) / math.log(base)
+    if logits.dtype not in (torch.float32, torch.float64):  # half precisions: sum in float32
+        logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, 0.0).sum(-1) / math.log(base)  # a -inf logit: 0 log 0 = 0

@@ -111,3 +111,14 @@ class InterruptCheckpoint(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.state.fn == TrainerFn.FITTING:
             trainer.save_checkpoint(self.path)
+
+
+class ConfigInCheckpoint(L.Callback):
+    """Stores the run's resolved config in every checkpoint (as plain containers, loadable with
+    weights_only=True), so that a checkpoint alone is enough to rebuild and evaluate the model."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint["config"] = self.config

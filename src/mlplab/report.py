@@ -112,7 +112,7 @@ class Group:
 
     Args:
         label: the row's differing overrides, seed aside ("activation=relu, optimizer.lr=0.1");
-            the job dir when none differs.
+            the job dir (or "3 runs") when none differs.
         jobs: in path order; all successful, or a single unsuccessful one.
     """
 

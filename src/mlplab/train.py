@@ -21,9 +21,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams
 
-from mlplab.data import DataError
+from mlplab.data import DataError, ImageClassificationData
 from mlplab.module import Classifier, DivergenceError
-from mlplab.record import EpochHistory, environment, write_metrics
+from mlplab.record import ConfigInCheckpoint, EpochHistory, environment, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     except InstantiationException as err:
         cause = err.__cause__ if err.__cause__ is not None else err
         raise ConfigError(f"{key}.{cause}" if isinstance(cause, ValueError) else f"{key}: {cause}") from err
+
+
+def build_model(cfg: DictConfig, datamodule: ImageClassificationData) -> torch.nn.Module:
+    """The model of cfg.model, sized for the dataset, with the activation of cfg.activation."""
+    return build(cfg, "model", in_features=datamodule.input_size, num_classes=datamodule.num_classes,
+                 activation=build(cfg, "activation"))
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -148,15 +154,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
 
         datamodule = build(cfg, "data")
-        model = build(cfg, "model", in_features=datamodule.input_size, num_classes=datamodule.num_classes,
-                      activation=build(cfg, "activation"))
-        module = Classifier(model=model, loss=build(cfg, "loss"), optimizer=build(cfg, "optimizer"),
+        module = Classifier(model=build_model(cfg, datamodule), loss=build(cfg, "loss"), optimizer=build(cfg, "optimizer"),
                             num_classes=datamodule.num_classes,
                             scheduler=build(cfg, "scheduler") if cfg.scheduler is not None else None)
         logger = build(cfg, "logger")
         # trainer.enable_progress_bar=false must not meet a progress-bar callback (Lightning refuses the pair)
         names = [n for n in cfg.callbacks if n != "progress_bar" or cfg.trainer.enable_progress_bar]
-        callbacks = [*(build(cfg, f"callbacks.{name}") for name in names), history]
+        callbacks = [*(build(cfg, f"callbacks.{name}") for name in names), history,
+                     ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True))]
         trainer = build(cfg, "trainer", logger=logger, callbacks=callbacks, default_root_dir=str(out))
 
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

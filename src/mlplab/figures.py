@@ -1,0 +1,147 @@
+"""Pictures of a trained classifier, for TensorBoard (at test time) and as PNGs (scripts/render_figures.py).
+
+- misclassified: a grid of wrongly classified test images, titled "predicted / true";
+- confusion: the confusion matrix, rows = true class, columns = predicted, counts in the cells;
+- entropy: histograms of predictive entropy (bits) for correct vs wrong predictions;
+- per-layer weight and gradient histograms, logged every few epochs during training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import matplotlib
+
+matplotlib.use("Agg")  # files and TensorBoard only; never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from mlplab.information import entropy_from_logits  # noqa: E402
+
+
+def misclassified_grid(images: Tensor, preds: Tensor, targets: Tensor, classes: tuple[str, ...],
+                       max_images: int = 36) -> Figure:
+    """Args: images (N, H, W) of any scale (each shown min-max scaled); preds, targets (N,) ints."""
+    wrong = (preds != targets).nonzero().flatten()[:max_images].cpu()
+    cols = max(1, min(6, len(wrong)))
+    rows = max(1, math.ceil(len(wrong) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong.tolist()):
+        ax.imshow(images[i].float().cpu().numpy(), cmap="gray")
+        ax.set_title(f"{classes[preds[i]]} / {classes[targets[i]]}", fontsize=7, color="tab:red")
+    fig.suptitle(f"misclassified (predicted / true): {len(wrong)} shown of {int((preds != targets).sum())}",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(confusion: Tensor, classes: tuple[str, ...]) -> Figure:
+    """Args: confusion (K, K) counts, rows = true class, columns = predicted class."""
+    counts = confusion.cpu().numpy()
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(0.55 * k + 2.5, 0.55 * k + 2))
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(k), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = counts.max() / 2
+    for t in range(k):
+        for p in range(k):
+            ax.text(p, t, int(counts[t, p]), ha="center", va="center", fontsize=6,
+                    color="white" if counts[t, p] > threshold else "black")
+    ax.set_title(f"confusion matrix, accuracy {counts.trace() / max(counts.sum(), 1):.2%}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def entropy_histogram(entropy_bits: Tensor, correct: Tensor, num_classes: int) -> Figure:
+    """Args: entropy_bits (N,) predictive entropy; correct (N,) bool."""
+    e, c = entropy_bits.float().cpu().numpy(), correct.cpu().numpy()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    bins = torch.linspace(0, math.log2(num_classes), 41).numpy()
+    ax.hist(e[c], bins=bins, alpha=0.6, density=True, label=f"correct ({c.sum()}), mean {e[c].mean():.3f} bits")
+    if (~c).any():
+        ax.hist(e[~c], bins=bins, alpha=0.6, density=True,
+                label=f"wrong ({(~c).sum()}), mean {e[~c].mean():.3f} bits")
+    ax.set_xlabel("predictive entropy (bits)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    ax.set_title("how unsure the model is, when right and when wrong", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def test_figures(images: Tensor, logits: Tensor, targets: Tensor, classes: tuple[str, ...]) -> dict[str, Figure]:
+    """All three test-set figures from one forward pass.
+
+    Args:
+        images: (N, H, W) inputs as images; logits: (N, K); targets: (N,) ints.
+    """
+    preds = logits.argmax(-1)
+    confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
+    confusion.index_put_((targets.cpu(), preds.cpu()), torch.ones_like(targets.cpu()), accumulate=True)
+    return {
+        "misclassified": misclassified_grid(images, preds, targets, classes),
+        "confusion": confusion_figure(confusion, classes),
+        "entropy": entropy_histogram(entropy_from_logits(logits, base=2), preds == targets, len(classes)),
+    }
+
+
+class TestFigures(L.Callback):
+    """Logs the test figures to TensorBoard (tags figures/test_<name>) at the end of testing.
+
+    Under DDP each rank holds its own shard of the test set; the figures show rank 0's shard.
+
+    Args:
+        image_shape: (H, W) to reshape the flat (B, H*W) inputs into for display.
+    """
+
+    def __init__(self, image_shape: tuple[int, int] = (28, 28)) -> None:
+        self.image_shape = tuple(image_shape)
+        self.inputs: list[Tensor] = []
+        self.logits: list[Tensor] = []
+        self.targets: list[Tensor] = []
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.inputs, self.logits, self.targets = [], [], []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        x, y = batch
+        self.inputs.append(x.detach().cpu())
+        self.logits.append(outputs["logits"].cpu())
+        self.targets.append(y.cpu())
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.logger is None or not self.targets:
+            return
+        images = torch.cat(self.inputs).reshape(-1, *self.image_shape)
+        classes = trainer.datamodule.classes
+        for name, fig in test_figures(images, torch.cat(self.logits), torch.cat(self.targets), classes).items():
+            trainer.logger.experiment.add_figure(f"figures/test_{name}", fig, global_step=trainer.global_step)
+        self.inputs, self.logits, self.targets = [], [], []
+
+
+class ParameterHistograms(L.Callback):
+    """Logs per-layer weight and gradient histograms (weights/<param>, grads/<param>).
+
+    Args:
+        every_n_epochs: log after every n-th training epoch (the gradients are the epoch's last step's).
+    """
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        self.every_n_epochs = every_n_epochs
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.logger is None or trainer.current_epoch % self.every_n_epochs:
+            return
+        writer = trainer.logger.experiment
+        for name, param in pl_module.named_parameters():
+            writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), trainer.global_step)
+            if param.grad is not None:
+                writer.add_histogram(f"grads/{name}", param.grad.detach().float().cpu(), trainer.global_step)

@@ -86,6 +86,23 @@ def check_config(cfg: DictConfig) -> None:
                           "write to, or set hydra.run.dir=/writable/path (hydra.sweep.dir for -m).") from err
 
 
+def threads_for_job(configured: int | None) -> int | None:
+    """torch threads for this job: the configured number, else cores / jobs run side by side.
+
+    Under hydra/launcher=joblib each of n_jobs workers would otherwise start one thread per core;
+    on a 2-core machine two such jobs were seen to run 8x to 70x slower than one, not 2x (issue #3).
+    None leaves torch's default (one thread per core) for a job that runs alone.
+    """
+    if configured is not None:
+        return configured
+    if not HydraConfig.initialized():
+        return None
+    n_jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs", default=1)  # only joblib has n_jobs
+    cores = os.cpu_count() or 1
+    n_jobs = cores if n_jobs < 0 else n_jobs  # joblib: -1 means one job per core
+    return max(1, cores // n_jobs) if n_jobs > 1 else None
+
+
 def hydra_job_info() -> dict[str, Any]:
     """The group choices and overrides of this Hydra job (empty outside Hydra)."""
     if not HydraConfig.initialized():
@@ -149,8 +166,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         check_config(cfg)
         OmegaConf.save(cfg, out / "resolved_config.yaml", resolve=True)
-        if cfg.torch_threads is not None:
-            torch.set_num_threads(cfg.torch_threads)
+        threads = threads_for_job(cfg.torch_threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
 
         datamodule = build(cfg, "data")

@@ -20,7 +20,7 @@ class DivergenceError(RuntimeError):
 class Classifier(L.LightningModule):
     """Trains `model` with `loss` and logs stage/name metrics.
 
-    Logged: train/loss, train/acc, val/loss, val/acc, val/entropy_bits (mean predictive entropy
+    Logged: train/loss_step, train/loss, train/acc, val/loss, val/acc, val/entropy_bits (mean predictive entropy
     of softmax outputs, in bits), test/loss, test/acc, and test/acc_class_<i> per class.
     Every metric is a torchmetrics object: it accumulates on the device and is reduced over
     DDP ranks when computed, so no step forces a host sync.
@@ -32,9 +32,6 @@ class Classifier(L.LightningModule):
         num_classes: K.
         scheduler: an optional partial LR scheduler, completed with the optimiser; stepped
             once per epoch.
-        divergence_check_interval: check the training loss for NaN/inf every this many steps.
-            On the CPU a check is free, so 1 stops the run on the very step; on a GPU each check
-            waits for the device, so `trainer=gpu` checks at the logging interval.
     """
 
     def __init__(
@@ -44,15 +41,14 @@ class Classifier(L.LightningModule):
         optimizer: partial,
         num_classes: int,
         scheduler: partial | None = None,
-        divergence_check_interval: int = 1,
     ) -> None:
         super().__init__()
         self.model, self.loss = model, loss
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.divergence_check_interval = divergence_check_interval
         acc = partial(MulticlassAccuracy, num_classes, average="micro", validate_args=False)
         self.train_acc, self.val_acc, self.test_acc = acc(), acc(), acc()
-        self.val_loss, self.test_loss, self.val_entropy = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_entropy = MeanMetric()
         self.test_class_acc = MulticlassAccuracy(num_classes, average=None, validate_args=False)
         self.test_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
 
@@ -64,14 +60,19 @@ class Classifier(L.LightningModule):
         x, y = batch
         logits = self.model(x)
         loss = self.loss(logits, y)
-        if batch_idx % self.divergence_check_interval == 0 and not torch.isfinite(loss):
+        # NaN/inf check: free on the CPU, so every step; on a GPU reading the loss waits for the
+        # device, so only at the logging interval (when the logger reads it anyway).
+        check_every = 1 if loss.device.type == "cpu" else self.trainer.log_every_n_steps
+        if batch_idx % check_every == 0 and not torch.isfinite(loss):
             raise DivergenceError(
                 f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
                 f"(batch {batch_idx} of the epoch). Lower optimizer.lr (now {self.optimizer.keywords.get('lr')}) "
                 "or pick a loss/init that keeps the logits finite; checkpoints written before are kept."
             )
+        self.train_loss.update(loss.detach(), weight=len(y))
         self.train_acc.update(logits, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/loss_step", loss, prog_bar=True)  # written every trainer.log_every_n_steps
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
@@ -98,7 +99,7 @@ class Classifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         for i, acc in enumerate(self.test_class_acc.compute()):
-            self.log(f"test/acc_class_{i}", acc)
+            self.log(f"test/acc_class_{i}", acc, sync_dist=True)  # equal on all ranks already; quiets Lightning
         self.test_class_acc.reset()
 
     def configure_optimizers(self):

@@ -6,6 +6,7 @@ metrics.json (written by global rank 0, at the end and on every failure) holds:
     metrics           final {"val/acc", "val/loss", "val/entropy_bits", "test/acc", "test/loss", ...}
     per_class_test_acc  {class name: accuracy}
     history           one row per finished epoch: {"epoch", "train/loss", "train/acc", "val/acc", ...}
+                      (also in history.json, rewritten after every epoch while the run goes on)
     epochs            finished epochs
     wall_time_s       seconds from the start of run() to the end
     best_checkpoint, last_checkpoint  paths, or null
@@ -67,33 +68,51 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / METRICS_FILE).read_text())
 
 
-def write_metrics(run_dir: str | Path, record: dict[str, Any]) -> None:
-    """Writes metrics.json atomically (a killed job never leaves half a file)."""
-    path = Path(run_dir) / METRICS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+def write_json(path: str | Path, data: Any) -> None:
+    """Writes JSON atomically: a killed job never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
-class EpochHistory(L.Callback):
-    """Collects the epoch-level metrics after each training epoch (validation included)."""
+def write_metrics(run_dir: str | Path, record: dict[str, Any]) -> None:
+    write_json(Path(run_dir) / METRICS_FILE, record)
 
-    def __init__(self) -> None:
+
+class EpochHistory(L.Callback):
+    """Collects the epoch-level metrics after each training epoch (validation included).
+
+    Rank 0 rewrites `path` (a JSON list, one row per epoch) after every epoch: the history
+    survives a killed job, and reaches the main process from spawned DDP ranks.
+
+    Args:
+        path: where the rows are written, normally <run dir>/history.json.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
         self.rows: list[dict[str, float | int | None]] = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         row: dict[str, float | int | None] = {"epoch": trainer.current_epoch}
         for name, value in trainer.callback_metrics.items():
-            if name.endswith("_step"):
-                continue
-            row[name.removesuffix("_epoch")] = _finite_or_none(float(value))
+            if not name.endswith("_step"):
+                row[name.removesuffix("_epoch")] = _finite_or_none(float(value))
         self.rows.append(row)
+        if trainer.is_global_zero:
+            write_json(self.path, self.rows)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rows": self.rows}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict["rows"])  # a resumed run keeps the epochs before the interruption
+
+
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 class InterruptCheckpoint(L.Callback):

@@ -23,10 +23,11 @@ from torch.utils.tensorboard.summary import hparams
 
 from mlplab.data import DataError, ImageClassificationData
 from mlplab.module import Classifier, DivergenceError
-from mlplab.record import ConfigInCheckpoint, EpochHistory, environment, write_metrics
+from mlplab.record import ConfigInCheckpoint, EpochHistory, environment, read_history, write_metrics
 
 log = logging.getLogger(__name__)
 
+HISTORY_FILE = "history.json"
 HPARAM_METRICS = ("val/acc", "test/acc", "test/loss")  # the HParams tab's metric columns
 
 
@@ -160,8 +161,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                               "history": [], "epochs": 0, "wall_time_s": None, "best_checkpoint": None,
                               "last_checkpoint": None, "resumed_from": cfg.ckpt_path, **hydra_job_info(),
                               "environment": environment()}
-    history = EpochHistory()
-    history_rows: list[dict] | None = None
+    history = EpochHistory(out / HISTORY_FILE)
     trainer: L.Trainer | None = None
     try:
         check_config(cfg)
@@ -183,12 +183,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer = build(cfg, "trainer", logger=logger, callbacks=callbacks, default_root_dir=str(out))
 
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        history_rows = list(history.rows)  # test() restores callback state from the best checkpoint
+        history_rows = read_history(out / HISTORY_FILE)  # written by rank 0, spawned or not
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
         record["metrics"] = epoch_metrics(trainer)
-        if best is not None:
-            record["metrics"]["val/acc_best"] = float(checkpoint.best_model_score)
+        monitored = [row[cfg.monitor] for row in history_rows if row.get(cfg.monitor) is not None]
+        if monitored:  # from the history: best_model_score does not come back from spawned DDP ranks
+            record["metrics"][f"{cfg.monitor}_best"] = max(monitored)
         trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics = epoch_metrics(trainer)
         record["metrics"].update({k: v for k, v in metrics.items() if not k.startswith("test/acc_class_")})
@@ -209,7 +210,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         record["wall_time_s"] = round(time.perf_counter() - start, 3)
-        record["history"] = history_rows if history_rows is not None else history.rows
+        record["history"] = read_history(out / HISTORY_FILE)
         record["epochs"] = len(record["history"])
         checkpoints = out / "checkpoints"
         if trainer is not None and trainer.checkpoint_callback is not None:

@@ -66,8 +66,9 @@ class Classifier(L.LightningModule):
         if batch_idx % check_every == 0 and not torch.isfinite(loss):
             raise DivergenceError(
                 f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
-                f"(batch {batch_idx} of the epoch). Lower optimizer.lr (now {self.optimizer.keywords.get('lr')}) "
-                "or pick a loss/init that keeps the logits finite; checkpoints written before are kept."
+                f"(batch {batch_idx} of the epoch), learning rate {self.trainer.optimizers[0].param_groups[0]['lr']:g}. "
+                "Lower optimizer.lr or pick a loss/init/schedule that keeps the logits finite; "
+                "the checkpoints written before this step are kept."
             )
         self.train_loss.update(loss.detach(), weight=len(y))
         self.train_acc.update(logits, y)

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -58,6 +60,36 @@ def environment() -> dict[str, Any]:
         pass  # no git here: the versions still say what ran
     return {"python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname(),
             "argv": sys.argv, "packages": versions, "git": git}
+
+
+def writable_dir_error(path: str | Path) -> str | None:
+    """Why `path` cannot be made into a writable folder, or None if it can (it is then created)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        return (f"output folder {str(path)!r} is not writable ({err.strerror}). Run from a folder you can write "
+                "to, or choose another with hydra.run.dir=/writable/path (hydra.sweep.dir=... with -m).")
+    return None
+
+
+class OutputDirCheck(Callback):
+    """A Hydra callback: stops before any job if the run or sweep folder cannot be written.
+
+    Hydra creates the folder itself, and when it cannot, prints a traceback from its own code;
+    this check runs first and says what to do instead.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if (error := writable_dir_error(config.hydra.run.dir)) is not None:
+            raise SystemExit(f"error: {error}")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if (error := writable_dir_error(config.hydra.sweep.dir)) is not None:
+            raise SystemExit(f"error: {error}")
 
 
 def _finite_or_none(value: float) -> float | None:

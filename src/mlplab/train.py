@@ -23,7 +23,8 @@ from torch.utils.tensorboard.summary import hparams
 
 from mlplab.data import DataError, ImageClassificationData
 from mlplab.module import Classifier, DivergenceError
-from mlplab.record import ConfigInCheckpoint, EpochHistory, environment, read_history, write_metrics
+from mlplab.record import (ConfigInCheckpoint, EpochHistory, environment, read_history, writable_dir_error,
+                           write_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +77,8 @@ def check_config(cfg: DictConfig) -> None:
     epochs = cfg.trainer.max_epochs
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"trainer.max_epochs={epochs!r} must be an integer >= 1")
-    out = Path(cfg.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"output_dir={str(out)!r} is not writable ({err.strerror}). Run from a folder you can "
-                          "write to, or set hydra.run.dir=/writable/path (hydra.sweep.dir for -m).") from err
+    if (error := writable_dir_error(cfg.output_dir)) is not None:
+        raise ConfigError(error)
 
 
 def threads_for_job(configured: int | None) -> int | None:
@@ -145,6 +139,15 @@ def log_hparams(logger: L.pytorch.loggers.TensorBoardLogger, params: dict[str, A
     logger.experiment.flush()
 
 
+def interrupted_message(out: Path, signal_name: str) -> str:
+    """What to do after an interruption: where the work is and the command that continues it."""
+    last = out / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return f"interrupted by {signal_name} before the first epoch ended: no checkpoint to resume from"
+    command = " ".join(["python train.py", *hydra_job_info()["overrides"], f"ckpt_path={last}"])
+    return f"interrupted by {signal_name}; checkpoints and metrics.json are in {out}. Continue with:\n  {command}"
+
+
 def epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
     """trainer.callback_metrics as floats, epoch values only, named without Lightning's _epoch suffix."""
     return {k.removesuffix("_epoch"): float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
@@ -199,12 +202,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             log_hparams(logger, hparams_of(cfg, record["choices"]))
         return record
-    except (KeyboardInterrupt, SIGTERMException) as err:
-        record["status"], record["error"] = "interrupted", type(err).__name__
-        raise SystemExit(130 if isinstance(err, KeyboardInterrupt) else 143) from err
-    except SystemExit as err:  # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown
-        record["status"], record["error"] = "interrupted", f"SystemExit({err.code})"
-        raise
+    except SIGTERMException as err:  # Lightning raises it at the next step after SIGTERM
+        record["status"], record["error"] = "interrupted", "SIGTERM"
+        raise SystemExit(interrupted_message(out, "SIGTERM")) from err
+    except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into sys.exit(1) after shutting down
+        record["status"], record["error"] = "interrupted", "SIGINT (Ctrl-C)"
+        raise SystemExit(interrupted_message(out, "SIGINT (Ctrl-C)")) from err
     except Exception as err:
         record["error"] = f"{type(err).__name__}: {err}"
         raise

@@ -3,10 +3,13 @@ per-epoch shuffling, sharding over ranks, batching, and the errors for damaged o
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import os
 import re
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -453,3 +456,39 @@ def test_image_and_label_counts_must_match(raw):
     message = rf"{re.escape(str(raw / TRAIN_IMAGES))} holds 300 images but {re.escape(str(raw / TRAIN_LABELS))} holds 299"
     with pytest.raises(DataError, match=message):
         make_dm(raw.parents[1]).setup()
+
+
+@contextlib.contextmanager
+def read_only_folder(path: Path):
+    """An empty folder that nobody can write into: a read-only tmpfs when we are root (root ignores
+    permission bits), else a folder with mode 0o555."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "mlplab-test", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"running as root and cannot mount a read-only tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_read_only_data_folder_is_named_before_any_download(tmp_path, monkeypatch):
+    def download(*args, **kwargs):
+        pytest.fail("a download was attempted into a read-only folder")
+
+    monkeypatch.setattr(DATASETS["mnist"].torchvision_class, "download", download)
+    with read_only_folder(tmp_path / "ro") as root:
+        with pytest.raises(DataError) as err:
+            make_dm(root).prepare_data()
+    message = str(err.value)
+    assert f"not found in {root.resolve()}/MNIST/raw, and a download cannot write there" in message
+    assert "Read-only file system" in message or "Permission denied" in message
+    assert "DATA_DIR=" in message and "data.root=" in message

@@ -143,7 +143,7 @@ def test_a_diverging_job_fails_alone_and_the_sweep_exits_non_zero_at_the_end(dat
 # ------------------------------------------------------------------ interruption and resume
 
 LONG = ["model.hidden_sizes=[16]", "trainer.max_epochs=60", "~callbacks.parameter_histograms", "seed=5",
-        "+trainer.limit_train_batches=1.0", "+trainer.limit_val_batches=1.0"]
+        "trainer.limit_train_batches=1.0", "trainer.limit_val_batches=1.0"]  # TINY added both keys
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -156,6 +156,7 @@ def test_signal_saves_checkpoint_and_metrics_and_resume_matches_uninterrupted_ru
     last = interrupted / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
     while not (last.exists() and (interrupted / "history.json").exists()) and time.time() < deadline:
+        assert proc.poll() is None, f"the run ended before the signal: {proc.communicate()[1]}"
         time.sleep(0.05)
     time.sleep(0.3)  # a few epochs in
     proc.send_signal(sig)
@@ -165,9 +166,10 @@ def test_signal_saves_checkpoint_and_metrics_and_resume_matches_uninterrupted_ru
     assert record["status"] == "interrupted", "the run finished before the signal arrived"
     assert 1 <= record["epochs"] < 60 and record["history"]  # partial metrics kept
     assert (interrupted / "checkpoints" / "interrupted.ckpt").is_file()
-    assert "Continue with:" in stderr and f"ckpt_path={last}" in stderr
+    assert "Continue with:" in stderr and f"ckpt_path={last} hydra.run.dir={interrupted}" in stderr
 
-    resumed, reference = tmp_path / "resumed", tmp_path / "reference"
+    # continued as the message says: in the same dir, which then holds the whole run
+    resumed, reference = interrupted, tmp_path / "reference"
     result = run_cli([*env_args, f"ckpt_path={last}", f"hydra.run.dir={resumed}"], data_root, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     result = run_cli([*env_args, f"hydra.run.dir={reference}"], data_root, cwd=tmp_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -106,6 +107,20 @@ def check_idx_file(path: Path, kind: str) -> int:
     return dims[0]
 
 
+def unwritable(folder: Path) -> OSError | None:
+    """The error that stops files being written into `folder` (created if need be), or None.
+
+    Tried for real rather than with os.access, which says yes to root on a read-only mount.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        return err
+    return None
+
+
 def ensure_split_files(root: str | Path, dataset: str, split: str) -> None:
     """Makes sure one split's two IDX files are there and sound, downloading them if missing.
 
@@ -117,6 +132,13 @@ def ensure_split_files(root: str | Path, dataset: str, split: str) -> None:
     files = IDX_FILES[split]
     missing = [name for name in files.values() if not (raw / name).is_file()]
     if missing:
+        if (error := unwritable(raw)) is not None:
+            raise DataError(
+                f"{dataset}: {', '.join(missing)} not found in {raw.resolve()}, and a download cannot write there "
+                f"({error.strerror}). Fix: copy the four IDX files into {raw.resolve()} by other means, or point the "
+                f"kit at a folder that has them (or a writable one to download into) with `DATA_DIR=/path/to/data` "
+                f"or `data.root=/path/to/data` (the folder that contains {info.folder}/raw)."
+            )
         try:
             info.torchvision_class(str(root), train=split == "train", download=True)
         except Exception as err:  # noqa: BLE001 - any download failure gets the same advice

@@ -144,7 +144,9 @@ def interrupted_message(out: Path, signal_name: str) -> str:
     last = out / "checkpoints" / "last.ckpt"
     if not last.exists():
         return f"interrupted by {signal_name} before the first epoch ended: no checkpoint to resume from"
-    command = " ".join(["python train.py", *hydra_job_info()["overrides"], f"ckpt_path={last}"])
+    # Into the same dir: its ModelCheckpoint then restores the best score so far (in another dir Lightning
+    # keeps only the best path, and the first resumed epoch would become "best" whatever its score).
+    command = " ".join(["python train.py", *hydra_job_info()["overrides"], f"ckpt_path={last}", f"hydra.run.dir={out}"])
     return f"interrupted by {signal_name}; checkpoints and metrics.json are in {out}. Continue with:\n  {command}"
 
 

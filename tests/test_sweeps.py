@@ -160,7 +160,9 @@ def test_optuna_study_continues_after_the_sweep_is_killed(data_root, tmp_path):
 
 def test_sweeps_started_at_the_same_moment_get_dirs_of_their_own(data_root, tmp_path):
     env = {**os.environ, "DATA_DIR": str(data_root)}
-    sweeps = [subprocess.Popen([sys.executable, str(TRAIN_PY), "-m", *TINY, f"activation={name}"], cwd=tmp_path,
+    # torch_threads=1: two 2-thread processes on 2 cores run many times slower than one after the other
+    sweeps = [subprocess.Popen([sys.executable, str(TRAIN_PY), "-m", *TINY, "torch_threads=1", f"activation={name}"],
+                               cwd=tmp_path,
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
               for name in ("relu", "tanh")]
     for sweep in sweeps:

@@ -130,15 +130,20 @@ class TestFigures(L.Callback):
 class ParameterHistograms(L.Callback):
     """Logs per-layer weight and gradient histograms (weights/<param>, grads/<param>).
 
+    Both are taken just before the optimiser step of the epoch's last batch, where the gradients
+    are that batch's (Lightning may free them once the step is done).
+
     Args:
-        every_n_epochs: log after every n-th training epoch (the gradients are the epoch's last step's).
+        every_n_epochs: log in every n-th training epoch.
     """
 
     def __init__(self, every_n_epochs: int = 1) -> None:
         self.every_n_epochs = every_n_epochs
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.logger is None or trainer.current_epoch % self.every_n_epochs:
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready == trainer.num_training_batches
+        if (not last_batch or not trainer.is_global_zero or trainer.logger is None
+                or trainer.current_epoch % self.every_n_epochs):
             return
         writer = trainer.logger.experiment
         for name, param in pl_module.named_parameters():

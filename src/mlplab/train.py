@@ -5,26 +5,34 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
+import signal
+import threading
 import time
+import warnings
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.multiprocessing as mp
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import setup_globals
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams
 
 from mlplab.data import DataError, ImageClassificationData
 from mlplab.module import Classifier, DivergenceError
-from mlplab.record import (ConfigInCheckpoint, EpochHistory, environment, read_history, writable_dir_error,
-                           write_metrics)
+from mlplab.record import (METRICS_FILE, ConfigInCheckpoint, EpochHistory, environment, read_history,
+                           read_metrics, writable_dir_error, write_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +48,136 @@ class ConfigError(ValueError):
 EXPECTED_ERRORS = (ConfigError, DataError, DivergenceError)
 
 
+def started_externally() -> bool:
+    """Whether one process per device was started before this one: by torchrun, SLURM or run_ranks.
+
+    LOCAL_RANK is Lightning's own sign (LightningEnvironment.creates_processes_externally).
+    """
+    return TorchElasticEnvironment.detect() or SLURMEnvironment.detect() or "LOCAL_RANK" in os.environ
+
+
 def ddp_strategy(**kwargs: Any) -> DDPStrategy:
     """DDP that is safe under Hydra, multiruns included.
 
     Lightning's default DDP launcher re-runs the script for each extra rank with the original
     command line, so under `-m` rank 1 re-runs the whole sweep in a new sweep dir
-    (Lightning-AI/pytorch-lightning#11300, facebookresearch/hydra#2070). Here, when Lightning
-    must start the processes itself, they are spawned from inside the job instead (no
-    re-run of the script, no Hydra in the children). When torchrun or SLURM has already
-    started one process per device, Lightning's default ("popen") launcher starts nothing.
+    (Lightning-AI/pytorch-lightning#11300, facebookresearch/hydra#2070). run() never lets
+    Lightning start the ranks: it spawns them itself, once per job (see `run_ranks`), and in
+    each rank, as under torchrun or SLURM, the processes are started already and Lightning's
+    default ("popen") launcher starts nothing. "spawn" is for a Trainer built outside run():
+    there Lightning spawns the ranks from inside the job (no re-run of the script, no Hydra in them).
     """
-    external = TorchElasticEnvironment.detect() or SLURMEnvironment.detect()
-    return DDPStrategy(start_method="popen" if external else "spawn", **kwargs)
+    return DDPStrategy(start_method="popen" if started_externally() else "spawn", **kwargs)
+
+
+def ranks_to_start(cfg: DictConfig) -> int:
+    """How many DDP processes run() must start itself: 0 unless Lightning would start them.
+
+    Lightning would, with a DDP strategy (ddp_strategy, or "auto" on several devices) on one
+    node when nothing has started the processes already. A throwaway Trainer answers, so that
+    devices are counted as Lightning counts them (devices=-1: all visible GPUs).
+    """
+    if started_externally():
+        return 0
+    disabled = logging.root.manager.disable
+    try:
+        with warnings.catch_warnings():  # its device messages come again from the job's real Trainer
+            warnings.simplefilter("ignore")
+            logging.disable(logging.INFO)
+            probe = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    except Exception:  # noqa: BLE001 - a broken trainer config is reported by run() like any other
+        return 0
+    finally:
+        logging.disable(disabled)
+    strategy = probe.strategy
+    starts = isinstance(strategy, DDPStrategy) and not strategy.cluster_environment.creates_processes_externally
+    return probe.num_devices if starts and probe.num_nodes == 1 else 0
+
+
+def run_ranks(cfg: DictConfig, ranks: int) -> dict[str, Any]:
+    """Runs the whole job (fit, test, record) in `ranks` spawned DDP processes; returns rank 0's record.
+
+    Each process gets the variables torchrun would give it (LOCAL_RANK, RANK, WORLD_SIZE, ...), so
+    Lightning there finds its rank and starts nothing, and runs all of run(cfg). Lightning's own
+    spawn instead starts the processes again for each fit and test call and runs the rest of
+    run() in this process. Here they start once per job, rank 0 holds the whole run (one
+    TensorBoard writer per stage, as in a single process), and Ctrl-C / SIGTERM reach processes
+    that stop as a single-process run does: interrupted.ckpt with the trained weights, metrics.json
+    "interrupted". (Lightning's spawn saved this process's untrained weights on Ctrl-C, and on
+    SIGTERM died without a metrics.json and left the ranks training.)
+
+    Signals while the ranks run: SIGTERM is passed on to them; SIGINT is not, because Ctrl-C in a
+    terminal reaches the whole process group, ranks included, and a second SIGINT would cut
+    Lightning's shutdown short. An exception in a rank is raised here (rank 0's, the one in
+    metrics.json, else the first reported), so train.py handles it as in a single process.
+    """
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_network_port()), "WORLD_SIZE": str(ranks),
+           "LOCAL_WORLD_SIZE": str(ranks), "NODE_RANK": "0"}  # + RANK and LOCAL_RANK, set in each rank
+    reports = mp.get_context("spawn").SimpleQueue()  # (rank, exception or None) as each rank's run() ends
+    processes: list[Any] = []
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    def wait(signum: int, frame: Any) -> None:
+        pass  # not SIG_IGN, which the ranks would inherit (ignoring Ctrl-C); a Python handler is not inherited
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set signal handlers
+        previous = {signal.SIGINT: signal.signal(signal.SIGINT, wait),
+                    signal.SIGTERM: signal.signal(signal.SIGTERM, forward)}
+    failure: Exception | None = None
+    try:
+        context = mp.start_processes(_rank_main, args=(cfg, HydraConfig.instance().cfg, env, reports),
+                                     nprocs=ranks, join=False, start_method="spawn")
+        processes.extend(context.processes)
+        while not context.join(grace_period=30):  # after a rank fails, the others get 30 s to record it
+            pass
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:  # the other ranks have been stopped
+        failure = err
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    outcomes: dict[int, BaseException | None] = {}
+    while not reports.empty():
+        rank, outcome = reports.get()
+        outcomes.setdefault(rank, outcome)
+    errors = [outcomes[0]] if outcomes.get(0) is not None else [e for e in outcomes.values() if e is not None]
+    out = Path(cfg.output_dir)
+    if errors:
+        raise errors[0] from failure
+    if failure is not None and received:  # a rank killed by the SIGTERM before its run() could handle it
+        raise SystemExit(interrupted_message(out, "SIGTERM")) from failure
+    if failure is not None:
+        raise failure
+    if 0 not in outcomes:  # a Ctrl-C that came before run() started in rank 0
+        raise SystemExit(interrupted_message(out, "SIGINT (Ctrl-C)"))
+    return read_metrics(out)
+
+
+def _rank_main(rank: int, cfg: DictConfig, hydra_cfg: DictConfig | None, env: dict[str, str], reports: Any) -> None:
+    """One spawned DDP rank: the Hydra job's config and torchrun's variables, then all of run(cfg)."""
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    rank_zero_only.rank = rank  # before the Trainer exists: only rank 0 prints its messages
+    if hydra_cfg is not None:  # run() reads the job's choices, overrides and output dir from Hydra
+        setup_globals()  # Hydra's resolvers (${hydra:...}, ${now:...})
+        HydraConfig.instance().set_config(hydra_cfg)
+    try:
+        run(cfg)
+    except BaseException as err:
+        try:
+            pickle.loads(pickle.dumps(err))
+        except Exception:  # noqa: BLE001 - an exception that cannot travel: its type and message can
+            err = RuntimeError(f"{type(err).__name__}: {err}")
+        reports.put((rank, err))
+        if isinstance(err, Exception):
+            raise  # the process fails, and the parent stops the other ranks
+    else:
+        reports.put((rank, None))
 
 
 def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -82,20 +208,23 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def threads_for_job(configured: int | None) -> int | None:
-    """torch threads for this job: the configured number, else cores / jobs run side by side.
+    """torch threads for this process: the configured number, else cores / processes run side by side.
 
-    Under hydra/launcher=joblib each of n_jobs workers would otherwise start one thread per core;
-    on a 2-core machine two such jobs were seen to run 8x to 70x slower than one, not 2x (issue #3).
-    None leaves torch's default (one thread per core) for a job that runs alone.
+    Side by side run hydra/launcher=joblib's n_jobs workers, each with its DDP ranks on this node
+    (LOCAL_WORLD_SIZE, set by torchrun and by run_ranks). Under joblib each worker would otherwise
+    start one thread per core; on a 2-core machine two such jobs were seen to run 8x to 70x slower
+    than one, not 2x (issue #3). None leaves torch's default (one thread per core) for a process
+    that runs alone.
     """
     if configured is not None:
         return configured
-    if not HydraConfig.initialized():
-        return None
-    n_jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs", default=1)  # only joblib has n_jobs
     cores = os.cpu_count() or 1
-    n_jobs = cores if n_jobs < 0 else n_jobs  # joblib: -1 means one job per core
-    return max(1, cores // n_jobs) if n_jobs > 1 else None
+    n_jobs = 1
+    if HydraConfig.initialized():
+        n_jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs", default=1)  # only joblib has n_jobs
+        n_jobs = cores if n_jobs < 0 else n_jobs  # joblib: -1 means one job per core
+    processes = n_jobs * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // processes) if processes > 1 else None
 
 
 def hydra_job_info() -> dict[str, Any]:
@@ -160,6 +289,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Every outcome, failures and interruptions included, ends in metrics.json (rank 0 only).
     """
+    if (ranks := ranks_to_start(cfg)) > 0:
+        return run_ranks(cfg, ranks)  # each rank runs this function again and finds its rank started
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     record: dict[str, Any] = {"status": "failed", "error": None, "metrics": {}, "per_class_test_acc": {},
@@ -174,6 +305,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         threads = threads_for_job(cfg.torch_threads)
         if threads is not None:
             torch.set_num_threads(threads)
+        record["environment"]["torch_threads"] = torch.get_num_threads()
         L.seed_everything(cfg.seed, workers=True, verbose=False)
 
         datamodule = build(cfg, "data")

@@ -15,17 +15,27 @@ test at the end:
 Each run is its own process, started by this script, so imports, start-up and peak RSS are per
 variant; rounds are interleaved (floor kit classic floor kit classic ...) so that a noisy machine
 slows all variants alike. Per variant, the medians over rounds of:
-    epoch s       one training epoch plus its val pass, median over the epochs after the first
+    epoch s       one training epoch plus its val pass (the kit's also its checkpoints, histograms and
+                  history), median over the epochs after the first
+    epoch cpu s   the same epochs in CPU seconds of the process, all threads: with --threads 1 the
+                  steadier measure on a machine that other work keeps busy
     first step s  from just before the process was started to the end of the first optimiser step
     wall s        the whole process: start-up, data, all epochs, test, writing results, exit
+    cpu s         the whole process in CPU seconds (os.wait4)
     peak RSS MB   the process's maximum resident set (os.wait4), in 10^6 bytes
-    val s, test s one val pass (median over the epochs after the first) and the test pass; the kit's
-                  are its whole loops (batches, metrics, logging; test figures included), the
-                  floor's a no-grad forward + loss + accuracy over the same tensors
+    val s         one val pass (median over the epochs after the first): the kit's whole val loop
+                  (batches, metrics, logging; not the checkpoints it triggers), the others' a no-grad
+                  forward + loss + accuracy over the same tensors
+    test s        the test pass, measured as val s; the kit's without its figures, which are
+    figures s     the kit's test figures (misclassified grid, confusion matrix, entropy histogram),
+                  drawn and written to TensorBoard
+    test acc      of the final weights; the kit's of its best checkpoint (by val/acc)
 and the ratios kit/floor and classic/kit, each the median of the per-round ratios. The table is
-printed and written as JSON (--json). The kit's marks come from a callback added to train.py with
-`+callbacks.epoch_timer={_target_: bench.epoch_timer, ...}`; the floor and classic children run this
-file with --child. Torch and friends are imported inside the child functions only, so that a child
+printed with the machine's load average, and written as JSON (--json) with every run's record.
+The kit's marks come from a callback added to train.py with
+`+callbacks.epoch_timer={_target_: bench.epoch_timer, ...}` (one more callback in Lightning's
+per-step hook calls: a few microseconds a step); the floor and classic children run this file
+with --child. Torch and friends are imported inside the child functions only, so that each child
 pays for its own imports, and the kit's import of this file for its callback adds nothing.
 """
 
@@ -63,7 +73,8 @@ class Clock:
     def __init__(self, start: float, sync: Callable[[], None]) -> None:
         self.start, self.sync = start, sync
         self.marks: dict[str, Any] = {"first_step_s": None, "epoch_starts_s": [], "train_end_s": None,
-                                      "val_s": [], "test_s": None}
+                                      "epoch_starts_cpu_s": [], "train_end_cpu_s": None,
+                                      "val_s": [], "test_s": None, "figures_s": None}
         self.began: dict[str, float] = {}
 
     def now(self) -> float:
@@ -76,9 +87,11 @@ class Clock:
 
     def epoch_start(self) -> None:
         self.marks["epoch_starts_s"].append(self.now())
+        self.marks["epoch_starts_cpu_s"].append(time.process_time())  # all threads; less noisy on a busy machine
 
     def train_end(self) -> None:
         self.marks["train_end_s"] = self.now()
+        self.marks["train_end_cpu_s"] = time.process_time()
 
     def begin(self, stage: str) -> None:
         self.began[stage] = self.now()
@@ -88,7 +101,7 @@ class Clock:
         if stage == "val":
             self.marks["val_s"].append(seconds)
         else:
-            self.marks["test_s"] = seconds
+            self.marks[f"{stage}_s"] = seconds
 
     def write(self, path: str | Path, **extra: Any) -> None:
         Path(path).write_text(json.dumps({**self.marks, **extra}, indent=2) + "\n")
@@ -135,11 +148,20 @@ def epoch_timer(path: str, start: float) -> Any:
             if not trainer.sanity_checking:
                 self.clock.end("val")
 
+        # The test pass excludes the figures: TestFigures draws them in on_test_epoch_end, which runs
+        # after the last batch and before this callback's own (callbacks run in the order of conf/'s list).
         def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             self.clock.begin("test")
 
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
+            self.clock.begin("figures")  # the last batch's mark stands
+
+        def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.clock.end("figures")
+
         def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             self.clock.end("test")
+            self.clock.marks["test_s"] -= self.clock.marks["figures_s"]
             self.clock.write(path)
 
     return EpochTimer()
@@ -154,7 +176,7 @@ def train_and_test(spec: dict[str, Any], clock: Clock, device: Any, epoch_batche
     Seeds torch as the kit does (L.seed_everything, then the model), so the initial weights are the kit's.
 
     Args:
-        spec: the run's settings, from `child_spec`.
+        spec: the run's settings, from `compose_settings`.
         clock: marks the first step, epoch starts, val and test passes.
         device: the torch.device the batches are on.
         epoch_batches: epoch -> (x (B, D), y (B,)) training batches of that epoch.
@@ -227,10 +249,9 @@ def floor(spec: dict[str, Any], clock: Clock) -> float:
     train, test = dataset(spec["root"], train=True), dataset(spec["root"], train=False)
     perm = torch.randperm(len(train.data), generator=torch.Generator().manual_seed(spec["split_seed"]))
     train_idx, val_idx = perm[:-spec["val_size"]], perm[-spec["val_size"]:]
-    x, y = inputs(train.data), train.targets
-    x_train, y_train = x[train_idx].to(device), y[train_idx].to(device)
-    x_val, y_val = x[val_idx].to(device), y[val_idx].to(device)
-    x_test, y_test = inputs(test.data).to(device), test.targets.to(device)
+    x_train, y_train = inputs(train.data[train_idx].to(device)), train.targets[train_idx].to(device)
+    x_val, y_val = inputs(train.data[val_idx].to(device)), train.targets[val_idx].to(device)
+    x_test, y_test = inputs(test.data.to(device)), test.targets.to(device)
 
     def slices(x: torch.Tensor, y: torch.Tensor, size: int, order: torch.Tensor | None = None) -> Iterator:
         for i in range(0, len(x), size):
@@ -317,8 +338,19 @@ def compose_settings(args: argparse.Namespace) -> tuple[list[str], dict[str, Any
     return overrides, spec
 
 
+def machine_load() -> dict[str, float | None]:
+    """The 1-minute load average and, where Linux reports it, the share of the last 10 s in which
+    some task waited for a CPU (/proc/pressure/cpu): what else was running while a variant ran."""
+    try:
+        fields = Path("/proc/pressure/cpu").read_text().split()
+        pressure = float(fields[1].removeprefix("avg10=")) / 100
+    except (OSError, IndexError, ValueError):
+        pressure = None
+    return {"load_1min": os.getloadavg()[0], "cpu_pressure_10s": pressure}
+
+
 def run_process(command: list[str], log: Path, start: float, timeout: float, env: dict[str, str]) -> dict[str, Any]:
-    """Runs one child to its end; returns its exit code, wall time since `start` and peak RSS.
+    """Runs one child to its end; returns its exit code, wall time since `start`, CPU time and peak RSS.
 
     The child is reaped with os.wait4, whose resource usage is that child's alone (RUSAGE_CHILDREN
     would give the largest of all children so far).
@@ -332,78 +364,91 @@ def run_process(command: list[str], log: Path, start: float, timeout: float, env
     killer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped above; tells Popen not to wait again
     rss_bytes = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux reports KiB
-    return {"returncode": proc.returncode, "wall_s": wall, "peak_rss_mb": rss_bytes / 1e6}
+    return {"returncode": proc.returncode, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": rss_bytes / 1e6}
 
 
 def run_variant(variant: str, round_: int, args: argparse.Namespace, overrides: list[str], spec_path: Path,
                 work: Path) -> dict[str, Any]:
-    """One run of one variant in its own process; returns its record (the marks, times and RSS)."""
+    """One run of one variant in its own process; returns its record (the marks, times, RSS and load)."""
     name = f"{variant}_{round_}"
     result, log = work / f"{name}.json", work / f"{name}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "scripts"),
                                                                       os.environ.get("PYTHONPATH")]))}
+    load = machine_load()
     start = time.time()
     if variant == "kit":
         timer = f"{{_target_:bench.epoch_timer,path:'{result}',start:{start!r}}}"
         command = [sys.executable, str(ROOT / "train.py"), *overrides, "trainer.enable_progress_bar=false",
                    f"hydra.run.dir='{work / name}'", f"+callbacks.epoch_timer={timer}"]
     else:
-        command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--spec", str(spec_path), "--start", repr(start),
-                   "--result", str(result)]
-    record = {"variant": variant, "round": round_, **run_process(command, log, start, args.timeout, env)}
+        command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--spec", str(spec_path),
+                   "--start", repr(start), "--result", str(result)]
+    record = {"variant": variant, "round": round_, **load, **run_process(command, log, start, args.timeout, env)}
     if record["returncode"] != 0 or not result.is_file():
         tail = "\n".join(log.read_text().splitlines()[-25:])
-        raise SystemExit(f"error: {variant} (round {round_}) exited with {record['returncode']}; "
-                         f"the end of {log}:\n{tail}")
+        raise SystemExit(f"error: {variant} (round {round_}) exited with {record['returncode']}; its output ended:\n"
+                         f"{tail}")
     marks = json.loads(result.read_text())
     if variant == "kit":  # the kit's own record: its test accuracy (of the best checkpoint)
         marks["test_acc"] = json.loads((work / name / "metrics.json").read_text())["metrics"]["test/acc"]
-    boundaries = [*marks.pop("epoch_starts_s"), marks.pop("train_end_s")]
-    record.update(marks, epoch_s=[b - a for a, b in zip(boundaries, boundaries[1:])])
+    for unit in ("s", "cpu_s"):
+        boundaries = [*marks.pop(f"epoch_starts_{unit}"), marks.pop(f"train_end_{unit}")]
+        marks[f"epoch_{unit}"] = [b - a for a, b in zip(boundaries, boundaries[1:])]
+    record.update(marks)
     return record
 
 
+COLUMNS = {  # summary key: (table heading, format)
+    "epoch_s": ("epoch s", ".3f"), "epoch_cpu_s": ("epoch cpu s", ".3f"), "first_step_s": ("first step s", ".2f"),
+    "wall_s": ("wall s", ".1f"), "cpu_s": ("cpu s", ".1f"), "peak_rss_mb": ("peak RSS MB", ".0f"),
+    "val_s": ("val s", ".4f"), "test_s": ("test s", ".4f"), "figures_s": ("figures s", ".3f"),
+    "test_acc": ("test acc", ".4f")}
+RATIOS = (("kit", "floor", ("epoch", "epoch_cpu", "val", "test", "wall")), ("classic", "kit", ("epoch", "wall")))
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-variant medians over rounds, and the kit/floor and classic/kit ratios (medians of per-round ratios)."""
-    def per_run(r: dict[str, Any]) -> dict[str, float]:
+    """Per-variant medians over rounds, and the ratios of RATIOS, each the median of per-round ratios."""
+    def per_run(r: dict[str, Any]) -> dict[str, float | None]:
         later = slice(1, None) if len(r["epoch_s"]) > 1 else slice(None)  # the first epoch warms up
-        return {"epoch_s": statistics.median(r["epoch_s"][later]), "first_step_s": r["first_step_s"],
-                "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"], "val_s": statistics.median(r["val_s"][later]),
-                "test_s": r["test_s"], "test_acc": r["test_acc"]}
+        return {**{key: r[key] for key in COLUMNS},
+                **{key: statistics.median(r[key][later]) for key in ("epoch_s", "epoch_cpu_s", "val_s")}}
 
     runs = {v: [per_run(r) for r in records if r["variant"] == v] for v in VARIANTS}
     runs = {v: rs for v, rs in runs.items() if rs}
-    variants = {v: {key: statistics.median(run[key] for run in rs) for key in rs[0]} for v, rs in runs.items()}
+    variants = {v: {key: statistics.median(run[key] for run in rs) if rs[0][key] is not None else None
+                    for key in COLUMNS} for v, rs in runs.items()}
     ratios = {}
-    for top, bottom, keys in (("kit", "floor", ("epoch", "val", "test", "wall")), ("classic", "kit", ("epoch", "wall"))):
+    for top, bottom, keys in RATIOS:
         if top in runs and bottom in runs:
             for key in keys:
-                ratios[f"{top}/{bottom} {key}"] = statistics.median(
+                ratios[f"{top}/{bottom} {key.replace('_', ' ')}"] = statistics.median(
                     a[f"{key}_s"] / b[f"{key}_s"] for a, b in zip(runs[top], runs[bottom]))
-    return {"variants": variants, "ratios": ratios}
+    loads = [r["load_1min"] for r in records]
+    return {"variants": variants, "ratios": ratios,
+            "load_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)}}
 
 
 def format_table(settings: dict[str, Any], summary: dict[str, Any]) -> str:
-    """The printed report: one row per variant, then the ratios, each beside its target if it has one."""
-    limit = settings["limit_batches"]
-    head = (f"{settings['dataset']}, {settings['model']}, batch {settings['batch_size']}, {settings['device']}, "
-            f"{settings['threads']} threads, {settings['epochs']} epochs{f' of {limit} batches' if limit else ''}, "
-            f"{settings['rounds']} rounds (medians)")
-    columns = ("epoch s", "first step s", "wall s", "peak RSS MB", "val s", "test s", "test acc")
-    lines = [head, f"{'variant':<9}" + "".join(f"{c:>14}" for c in columns)]
+    """The printed report: one row per variant, then the ratios and the kit's absolutes beside their targets."""
+    limit, load = settings["limit_batches"], summary["load_1min"]
+    lines = [f"{settings['dataset']}, {settings['model']}, batch {settings['batch_size']}, {settings['device']}, "
+             f"{settings['threads']} threads, {settings['epochs']} epochs{f' of {limit} batches' if limit else ''}, "
+             f"medians of {settings['rounds']} rounds; load average {load['median']:.1f} "
+             f"({load['min']:.1f}-{load['max']:.1f}) on {settings['cores']} cores",
+             f"{'variant':<9}" + "".join(f"{heading:>13}" for heading, _ in COLUMNS.values())]
     for variant, v in summary["variants"].items():
-        cells = (f"{v['epoch_s']:.3f}", f"{v['first_step_s']:.2f}", f"{v['wall_s']:.1f}", f"{v['peak_rss_mb']:.0f}",
-                 f"{v['val_s']:.4f}", f"{v['test_s']:.4f}", f"{v['test_acc']:.4f}")
-        lines.append(f"{variant:<9}" + "".join(f"{c:>14}" for c in cells))
+        cells = ("-" if v[key] is None else format(v[key], fmt) for key, (_, fmt) in COLUMNS.items())
+        lines.append(f"{variant:<9}" + "".join(f"{cell:>13}" for cell in cells))
     lines.append("")
     for name, value in summary["ratios"].items():
         target = TARGETS.get(name)
-        lines.append(f"{name:<18}{value:7.2f}" + (f"   target <= {target}" if target is not None else ""))
+        lines.append(f"{name:<18}{value:8.2f}" + (f"   target <= {target}" if target is not None else ""))
     kit = summary["variants"].get("kit")
     if kit is not None:
         for name, key in (("kit first step s", "first_step_s"), ("kit wall s", "wall_s"),
                           ("kit peak RSS MB", "peak_rss_mb")):
-            lines.append(f"{name:<18}{kit[key]:7.2f}   target <= {TARGETS[name]}")
+            lines.append(f"{name:<18}{kit[key]:8.2f}   target <= {TARGETS[name]}")
     return "\n".join(lines)
 
 
@@ -452,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides, spec = compose_settings(args)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k not in ("child", "spec", "start", "result", "json", "timeout")}
-    settings["python"] = sys.version.split()[0]
+    settings.update(cores=os.cpu_count(), python=sys.version.split()[0])
     out = args.json or ROOT / "outputs" / "bench" / (
         f"{args.dataset}_{args.model}_b{args.batch_size}_{args.device}{'_quick' if args.quick else ''}.json")
     records = []
@@ -464,13 +509,15 @@ def main(argv: list[str] | None = None) -> None:
             for variant in args.variants:
                 record = run_variant(variant, round_, args, overrides, spec_path, work)
                 records.append(record)
-                print(f"round {round_ + 1}/{args.rounds} {variant:<8} epoch {statistics.median(record['epoch_s']):.3f} s"
-                      f"  first step {record['first_step_s']:.2f} s  wall {record['wall_s']:.1f} s", flush=True)
+                print(f"round {round_ + 1}/{args.rounds} {variant:<8} "
+                      f"epochs {statistics.median(record['epoch_s']):.3f} s  first step {record['first_step_s']:.2f} s"
+                      f"  wall {record['wall_s']:.1f} s  load {record['load_1min']:.1f}", flush=True)
     summary = summarize(records)
     print()
     print(format_table(settings, summary))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": settings, **summary, "targets": TARGETS, "runs": records}, indent=2) + "\n")
+    out.write_text(json.dumps({"settings": settings, **summary, "targets": TARGETS, "runs": records}, indent=2)
+                   + "\n")
     print(f"\nwrote {out}")
 
 

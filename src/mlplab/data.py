@@ -311,13 +311,16 @@ class ImageClassificationData(L.LightningDataModule):
                             f"{len(images)} {self.dataset} training images. Lower data.val_size.")
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed))
         train_idx, val_idx = perm[:-self.val_size], perm[-self.val_size:]
-        x, y = self.to_inputs(images), labels.long()
         test_images, test_labels = load_split(self.root, self.dataset, "test")
-        self.splits = {
-            "train": (x[train_idx].to(device), y[train_idx].to(device)),
-            "val": (x[val_idx].to(device), y[val_idx].to(device)),
-            "test": (self.to_inputs(test_images).to(device), test_labels.long().to(device)),
-        }
+
+        def on_device(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+            # uint8 moved, then made float on the device: a quarter of the bytes to gather and copy,
+            # and no float copy of the whole training file (188 MB for MNIST) beside its splits
+            return self.to_inputs(images.to(device)), labels.long().to(device)
+
+        self.splits = {"train": on_device(images[train_idx], labels[train_idx]),
+                       "val": on_device(images[val_idx], labels[val_idx]),
+                       "test": on_device(test_images, test_labels)}
 
     def _batches(self, split: str, shuffle: bool, batch_size: int) -> TensorBatches:
         x, y = self.splits[split]

@@ -18,22 +18,34 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from mlplab.information import entropy_from_logits  # noqa: E402
 
 
 def misclassified_grid(images: Tensor, preds: Tensor, targets: Tensor, classes: tuple[str, ...],
                        max_images: int = 36) -> Figure:
-    """Args: images (N, H, W) of any scale (each shown min-max scaled); preds, targets (N,) ints."""
+    """Args: images (N, H, W) of any scale (each shown min-max scaled); preds, targets (N,) ints.
+
+    The tiles are pasted into one image in one axes, with the titles drawn over it: 36 subplots took
+    ~6x as long to build and render to TensorBoard (3.1 s against 0.5 s on a busy 2-core CPU).
+    """
     wrong = (preds != targets).nonzero().flatten()[:max_images].cpu()
     cols = max(1, min(6, len(wrong)))
     rows = max(1, math.ceil(len(wrong) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, wrong.tolist()):
-        ax.imshow(images[i].float().cpu().numpy(), cmap="gray")
-        ax.set_title(f"{classes[preds[i]]} / {classes[targets[i]]}", fontsize=7, color="tab:red")
+    h, w = images.shape[-2:]
+    gap_y, gap_x = h // 3, w // 7  # room above each tile for its title, and between tiles
+    mosaic = torch.ones(rows * (h + gap_y), cols * (w + gap_x))  # white where there is no tile
+    fig, ax = plt.subplots(figsize=(1.6 * cols, 1.8 * rows))
+    for k, i in enumerate(wrong.tolist()):
+        tile = images[i].float().cpu()  # (H, W)
+        tile = (tile - tile.min()) / (tile.max() - tile.min()).clamp_min(1e-12)  # to [0, 1], as imshow scales
+        top, left = (k // cols) * (h + gap_y) + gap_y, (k % cols) * (w + gap_x) + gap_x // 2
+        mosaic[top:top + h, left:left + w] = tile
+        ax.text(left + w / 2, top - 1, f"{classes[preds[i]]} / {classes[targets[i]]}", ha="center", va="bottom",
+                fontsize=7, color="tab:red")
+    ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.axis("off")
     fig.suptitle(f"misclassified (predicted / true): {len(wrong)} shown of {int((preds != targets).sum())}",
                  fontsize=9)
     fig.tight_layout()
@@ -127,6 +139,24 @@ class TestFigures(L.Callback):
         self.inputs, self.logits, self.targets = [], [], []
 
 
+def add_histogram(writer: SummaryWriter, tag: str, values: Tensor, step: int, bins: int = 64) -> None:
+    """`writer.add_histogram(tag, values, step)` with the counting done by torch, in `bins` equal bins.
+
+    SummaryWriter counts with numpy, whose sum of squares is a multi-threaded BLAS `dot` that
+    waits for cores torch's own threads are spinning on: on a 2-core CPU, ~10 ms per tensor and
+    ~45 ms per epoch for the 784-200-200-10 MLP, against ~1 ms here (scripts/bench.py profile).
+    The event is the one add_histogram writes: the right bin edges, with an empty bin first whose
+    edge is the minimum.
+    """
+    v = values.detach().flatten().double().cpu()  # (N,)
+    vmin, vmax = v.min().item(), v.max().item()
+    lo, hi = (vmin - 0.5, vmax + 0.5) if vmin == vmax else (vmin, vmax)  # numpy's range for a constant tensor
+    counts = torch.histc(v, bins=bins, min=lo, max=hi)  # (bins,)
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)  # (bins + 1,)
+    writer.add_histogram_raw(tag, min=vmin, max=vmax, num=len(v), sum=v.sum().item(), sum_squares=v.dot(v).item(),
+                             bucket_limits=edges.tolist(), bucket_counts=[0.0, *counts.tolist()], global_step=step)
+
+
 class ParameterHistograms(L.Callback):
     """Logs per-layer weight and gradient histograms (weights/<param>, grads/<param>).
 
@@ -147,6 +177,6 @@ class ParameterHistograms(L.Callback):
             return
         writer = trainer.logger.experiment
         for name, param in pl_module.named_parameters():
-            writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), trainer.global_step)
+            add_histogram(writer, f"weights/{name}", param, trainer.global_step)
             if param.grad is not None:
-                writer.add_histogram(f"grads/{name}", param.grad.detach().float().cpu(), trainer.global_step)
+                add_histogram(writer, f"grads/{name}", param.grad, trainer.global_step)

@@ -7,12 +7,13 @@ import math
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import warnings
 from numbers import Real
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -106,9 +107,9 @@ def run_ranks(cfg: DictConfig, ranks: int) -> dict[str, Any]:
     "interrupted". (Lightning's spawn saved this process's untrained weights on Ctrl-C, and on
     SIGTERM died without a metrics.json and left the ranks training.)
 
-    Signals while the ranks run: SIGTERM is passed on to them; SIGINT is not, because Ctrl-C in a
-    terminal reaches the whole process group, ranks included, and a second SIGINT would cut
-    Lightning's shutdown short. An exception in a rank is raised here (rank 0's, the one in
+    Ctrl-C (SIGINT, to the whole process group from a terminal, or to this process) and SIGTERM
+    are passed on to the ranks, where a `StopRequest` makes them stop together; a second Ctrl-C
+    kills them (when one hangs, say). An exception in a rank is raised here (rank 0's, the one in
     metrics.json, else the first reported), so train.py handles it as in a single process.
     """
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_network_port()), "WORLD_SIZE": str(ranks),
@@ -117,19 +118,18 @@ def run_ranks(cfg: DictConfig, ranks: int) -> dict[str, Any]:
     processes: list[Any] = []
     received: list[int] = []
 
-    def forward(signum: int, frame: Any) -> None:
+    def pass_on(signum: int, frame: Any) -> None:
         received.append(signum)
+        again = received.count(signal.SIGINT) > 1  # a second Ctrl-C: the ranks did not stop; kill them
         for process in processes:
-            if process.is_alive():
-                os.kill(process.pid, signum)
-
-    def wait(signum: int, frame: Any) -> None:
-        pass  # not SIG_IGN, which the ranks would inherit (ignoring Ctrl-C); a Python handler is not inherited
+            if process.is_alive() and again:
+                process.kill()
+            elif process.is_alive():  # SIGTERM as SIGUSR1: it must not reach Lightning's SIGTERM handler
+                os.kill(process.pid, signal.SIGUSR1 if signum == signal.SIGTERM else signum)
 
     previous = {}
     if threading.current_thread() is threading.main_thread():  # only the main thread may set signal handlers
-        previous = {signal.SIGINT: signal.signal(signal.SIGINT, wait),
-                    signal.SIGTERM: signal.signal(signal.SIGTERM, forward)}
+        previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGINT, signal.SIGTERM)}
     failure: Exception | None = None
     try:
         context = mp.start_processes(_rank_main, args=(cfg, HydraConfig.instance().cfg, env, reports),
@@ -150,8 +150,9 @@ def run_ranks(cfg: DictConfig, ranks: int) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     if errors:
         raise errors[0] from failure
-    if failure is not None and received:  # a rank killed by the SIGTERM before its run() could handle it
-        raise SystemExit(interrupted_message(out, "SIGTERM")) from failure
+    if failure is not None and received:  # a rank killed by the signal before its run() could handle it
+        name = "SIGTERM" if signal.SIGTERM in received else "SIGINT (Ctrl-C)"
+        raise SystemExit(interrupted_message(out, name)) from failure
     if failure is not None:
         raise failure
     if 0 not in outcomes:  # a Ctrl-C that came before run() started in rank 0
@@ -161,13 +162,14 @@ def run_ranks(cfg: DictConfig, ranks: int) -> dict[str, Any]:
 
 def _rank_main(rank: int, cfg: DictConfig, hydra_cfg: DictConfig | None, env: dict[str, str], reports: Any) -> None:
     """One spawned DDP rank: the Hydra job's config and torchrun's variables, then all of run(cfg)."""
+    stop = StopRequest()  # first: from here on a signal waits for the next training step
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     rank_zero_only.rank = rank  # before the Trainer exists: only rank 0 prints its messages
     if hydra_cfg is not None:  # run() reads the job's choices, overrides and output dir from Hydra
         setup_globals()  # Hydra's resolvers (${hydra:...}, ${now:...})
         HydraConfig.instance().set_config(hydra_cfg)
     try:
-        run(cfg)
+        run(cfg, extra_callbacks=[stop])
     except BaseException as err:
         try:
             pickle.loads(pickle.dumps(err))
@@ -176,8 +178,38 @@ def _rank_main(rank: int, cfg: DictConfig, hydra_cfg: DictConfig | None, env: di
         reports.put((rank, err))
         if isinstance(err, Exception):
             raise  # the process fails, and the parent stops the other ranks
-    else:
-        reports.put((rank, None))
+        sys.exit(1)  # interrupted: also non-zero, so that the parent stops a rank that does not follow
+    reports.put((rank, None))
+
+
+class StopRequest(L.Callback):
+    """Stops every DDP rank at the same training step when any of them was asked to stop.
+
+    In a rank started by run_ranks, Ctrl-C (SIGINT) and SIGTERM (passed on as SIGUSR1) only note the
+    request; at the start of each training step the ranks agree on it (one all-reduce) and all raise
+    together: KeyboardInterrupt or SIGTERMException, which Lightning and run() then handle as in one
+    process. Raising where a signal lands, as Lightning does, lets one rank leave for its shutdown
+    while another waits in a collective for it: with Lightning's SIGTERM handler, which broadcasts
+    from inside the handler, two CPU ranks were seen to deadlock. A request that comes after the last
+    training step is not acted on: the job finishes its test.
+    """
+
+    def __init__(self) -> None:
+        self.requested = 0  # 0: none, 1: Ctrl-C, 2: SIGTERM
+        signal.signal(signal.SIGINT, self.request)
+        signal.signal(signal.SIGUSR1, self.request)
+
+    def request(self, signum: int, frame: Any) -> None:
+        self.requested = max(self.requested, 2 if signum == signal.SIGUSR1 else 1)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        asked = torch.tensor(self.requested, device=trainer.strategy.root_device)
+        asked = int(trainer.strategy.reduce(asked, reduce_op="max"))
+        if asked == 2:
+            raise SIGTERMException
+        if asked == 1:
+            raise KeyboardInterrupt
 
 
 def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -284,10 +316,14 @@ def epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
     return {k.removesuffix("_epoch"): float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Trains and tests one configuration; returns the metrics.json record.
 
     Every outcome, failures and interruptions included, ends in metrics.json (rank 0 only).
+
+    Args:
+        cfg: the composed conf/train.yaml.
+        extra_callbacks: added to the Trainer's, after the configured ones (run_ranks: StopRequest).
     """
     if (ranks := ranks_to_start(cfg)) > 0:
         return run_ranks(cfg, ranks)  # each rank runs this function again and finds its rank started
@@ -315,7 +351,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger = build(cfg, "logger")
         # trainer.enable_progress_bar=false must not meet a progress-bar callback (Lightning refuses the pair)
         names = [n for n in cfg.callbacks if n != "progress_bar" or cfg.trainer.enable_progress_bar]
-        callbacks = [*(build(cfg, f"callbacks.{name}") for name in names), history,
+        callbacks = [*(build(cfg, f"callbacks.{name}") for name in names), *extra_callbacks, history,
                      ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True))]
         trainer = build(cfg, "trainer", logger=logger, callbacks=callbacks, default_root_dir=str(out))
 

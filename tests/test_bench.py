@@ -1,0 +1,58 @@
+"""scripts/bench.py end to end in its quick mode, on the synthetic IDX files: no timing is asserted,
+only that every variant ran through its real path and that the table and the JSON say so."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+BENCH = ROOT / "scripts" / "bench.py"
+VARIANTS = ["floor", "kit", "classic"]
+PER_VARIANT = ("epoch_s", "epoch_cpu_s", "first_step_s", "wall_s", "cpu_s", "peak_rss_mb", "val_s", "test_s",
+               "figures_s", "test_acc")
+
+
+def test_quick_bench_runs_every_variant_prints_the_table_and_writes_json(data_root, tmp_path):
+    out = tmp_path / "bench.json"
+    # one torch thread: on a busy 2-core machine two threads wait on each other at every op
+    result = subprocess.run([sys.executable, str(BENCH), "--quick", "--data-root", str(data_root), "--val-size", "200",
+                             "--batch-size", "50", "--threads", "1", "--json", str(out)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("variant"))
+    assert lines[header].split()[1:3] == ["epoch", "s"]
+    assert [line.split()[0] for line in lines[header + 1:header + 4]] == VARIANTS  # one row each, in order
+    for name in ("kit/floor epoch", "kit/floor val", "kit/floor test", "classic/kit epoch", "kit first step s",
+                 "kit wall s", "kit peak RSS MB"):
+        assert any(line.startswith(name) for line in lines), name
+    assert f"wrote {out}" in result.stdout
+
+    record = json.loads(out.read_text())
+    settings = record["settings"]
+    assert settings["quick"] is True and settings["epochs"] == 2 and settings["limit_batches"] == 20
+    assert settings["batch_size"] == 50 and settings["rounds"] == 1 and settings["threads"] == 1
+    assert list(record["variants"]) == VARIANTS
+    for variant, summary in record["variants"].items():
+        assert set(summary) == set(PER_VARIANT), variant
+        for key, value in summary.items():
+            if key == "figures_s" and variant != "kit":  # only the kit draws figures
+                assert value is None
+            else:
+                assert isinstance(value, float) and value >= 0, (variant, key, value)
+        assert summary["first_step_s"] < summary["wall_s"]
+        assert 0 <= summary["test_acc"] <= 1
+    assert set(record["ratios"]) == {"kit/floor epoch", "kit/floor epoch cpu", "kit/floor val", "kit/floor test",
+                                     "kit/floor wall", "classic/kit epoch", "classic/kit wall"}
+    assert all(value > 0 for value in record["ratios"].values())
+
+    runs = record["runs"]
+    assert [run["variant"] for run in runs] == VARIANTS  # interleaved: one of each per round
+    for run in runs:
+        assert run["returncode"] == 0
+        assert len(run["epoch_s"]) == len(run["epoch_cpu_s"]) == len(run["val_s"]) == 2  # a val pass per epoch
+    assert runs[1]["figures_s"] > 0  # the kit ran its real test path: figures to TensorBoard, metrics.json

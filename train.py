@@ -5,6 +5,7 @@
 """
 
 import logging
+import os
 import sys
 
 import hydra
@@ -32,6 +33,8 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(f"error: {err}")
         raise
     metrics = record["metrics"]
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank runs this script: rank 0 reports
+        return metrics["val/acc"]
     print(f"test/acc {metrics['test/acc']:.4f}  test/loss {metrics['test/loss']:.4f}  "
           f"{record['epochs']} epochs  {record['wall_time_s']:.1f} s  {cfg.output_dir}")
     return metrics["val/acc"]  # what an Optuna sweep maximises

@@ -116,7 +116,7 @@ class EpochHistory(L.Callback):
     """Collects the epoch-level metrics after each training epoch (validation included).
 
     Rank 0 rewrites `path` (a JSON list, one row per epoch) after every epoch: the history
-    survives a killed job, and reaches the main process from spawned DDP ranks.
+    survives a killed job.
 
     Args:
         path: where the rows are written, normally <run dir>/history.json.

@@ -431,6 +431,8 @@ class SweepReport(Callback):
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
+            return  # torchrun / srun make every rank a Hydra multirun: one report, rank 0's, after its last job
         sweep_dir = Path(str(config.hydra.sweep.dir))
         summary = summarize(sweep_dir)
         print(format_table(summary))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import pickle
 import signal
@@ -32,8 +33,8 @@ from torch.utils.tensorboard.summary import hparams
 
 from mlplab.data import DataError, ImageClassificationData
 from mlplab.module import Classifier, DivergenceError
-from mlplab.record import (METRICS_FILE, ConfigInCheckpoint, EpochHistory, environment, read_history,
-                           read_metrics, writable_dir_error, write_metrics)
+from mlplab.record import (ConfigInCheckpoint, EpochHistory, environment, read_history, read_metrics,
+                           writable_dir_error, write_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,18 @@ def run_ranks(cfg: DictConfig, ranks: int) -> dict[str, Any]:
     previous = {}
     if threading.current_thread() is threading.main_thread():  # only the main thread may set signal handlers
         previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # A spawned process starts by setting the default start method of its parent, which in a
+    # hydra/launcher=joblib worker is loky's, unknown there ("cannot find context for 'loky'").
+    start_method = multiprocessing.get_start_method(allow_none=True)
+    if start_method not in multiprocessing.get_all_start_methods():
+        multiprocessing.set_start_method("spawn", force=True)
     failure: Exception | None = None
     try:
-        context = mp.start_processes(_rank_main, args=(cfg, HydraConfig.instance().cfg, env, reports),
-                                     nprocs=ranks, join=False, start_method="spawn")
+        # the Hydra config as plain containers: the classes of its structured nodes do not always pickle
+        # (hydra/launcher=joblib's JobLibLauncherConf, loaded twice by Hydra's plugin discovery)
+        hydra_cfg = OmegaConf.to_container(HydraConfig.get(), resolve=False) if HydraConfig.initialized() else None
+        context = mp.start_processes(_rank_main, args=(cfg, hydra_cfg, env, reports), nprocs=ranks, join=False,
+                                     start_method="spawn")
         processes.extend(context.processes)
         while not context.join(grace_period=30):  # after a rank fails, the others get 30 s to record it
             pass
@@ -142,6 +151,7 @@ def run_ranks(cfg: DictConfig, ranks: int) -> dict[str, Any]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        multiprocessing.set_start_method(start_method, force=True)
     outcomes: dict[int, BaseException | None] = {}
     while not reports.empty():
         rank, outcome = reports.get()
@@ -160,14 +170,15 @@ def run_ranks(cfg: DictConfig, ranks: int) -> dict[str, Any]:
     return read_metrics(out)
 
 
-def _rank_main(rank: int, cfg: DictConfig, hydra_cfg: DictConfig | None, env: dict[str, str], reports: Any) -> None:
+def _rank_main(rank: int, cfg: DictConfig, hydra_cfg: dict[str, Any] | None, env: dict[str, str],
+               reports: Any) -> None:
     """One spawned DDP rank: the Hydra job's config and torchrun's variables, then all of run(cfg)."""
     stop = StopRequest()  # first: from here on a signal waits for the next training step
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     rank_zero_only.rank = rank  # before the Trainer exists: only rank 0 prints its messages
     if hydra_cfg is not None:  # run() reads the job's choices, overrides and output dir from Hydra
         setup_globals()  # Hydra's resolvers (${hydra:...}, ${now:...})
-        HydraConfig.instance().set_config(hydra_cfg)
+        HydraConfig.instance().cfg = OmegaConf.create({"hydra": hydra_cfg})  # what set_config leaves, untyped
     try:
         run(cfg, extra_callbacks=[stop])
     except BaseException as err:
@@ -204,6 +215,10 @@ class StopRequest(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        # Reading the answer waits for the device: on a GPU only every log_every_n_steps steps
+        check_every = 1 if trainer.strategy.root_device.type == "cpu" else trainer.log_every_n_steps
+        if batch_idx % check_every:
+            return
         asked = torch.tensor(self.requested, device=trainer.strategy.root_device)
         asked = int(trainer.strategy.reduce(asked, reduce_op="max"))
         if asked == 2:
@@ -361,7 +376,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
         record["metrics"] = epoch_metrics(trainer)
         monitored = [row[cfg.monitor] for row in history_rows if row.get(cfg.monitor) is not None]
-        if monitored:  # from the history: best_model_score does not come back from spawned DDP ranks
+        if monitored:  # from the history, which holds the epochs before a resume too
             record["metrics"][f"{cfg.monitor}_best"] = max(monitored)
         trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics = epoch_metrics(trainer)

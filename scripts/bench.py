@@ -437,6 +437,9 @@ def format_table(settings: dict[str, Any], summary: dict[str, Any]) -> str:
              f"medians of {settings['rounds']} rounds; load average {load['median']:.1f} "
              f"({load['min']:.1f}-{load['max']:.1f}) on {settings['cores']} cores",
              f"{'variant':<9}" + "".join(f"{heading:>13}" for heading, _ in COLUMNS.values())]
+    if load["max"] > settings["cores"] - 0.5:  # other work shared the cores: threads wait for each other
+        lines.insert(1, f"warning: the machine was busy (load up to {load['max']:.1f} on {settings['cores']} cores); "
+                        "times with more than one thread can be several times too long: rerun, or use --threads 1")
     for variant, v in summary["variants"].items():
         cells = ("-" if v[key] is None else format(v[key], fmt) for key, (_, fmt) in COLUMNS.items())
         lines.append(f"{variant:<9}" + "".join(f"{cell:>13}" for cell in cells))

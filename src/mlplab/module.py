@@ -76,9 +76,10 @@ class Classifier(L.LightningModule):
             )
         self.train_loss.update(loss.detach().expand(len(y)))  # (B,): the batch mean, once per sample
         self.train_acc.update(logits, y)
-        # One self.log call costs ~0.35 ms of Python on a 2-core CPU, as much as a whole step at batch 64
-        # (scripts/bench.py), so each name is logged only where its value is used. An epoch value is the
-        # metric object's own accumulation, computed when the epoch ends: one call per epoch registers it.
+        # One self.log call costs ~0.35 ms of Python on a 2-core CPU, a third of a plain-PyTorch step at
+        # batch 64; three a step took a quarter of the epoch (scripts/bench.py). So each name is logged only
+        # where its value is used. An epoch value is the metric object's own accumulation, computed when
+        # the epoch ends: one call per epoch registers it.
         if batch_idx == 0:
             self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)

@@ -43,17 +43,24 @@ def headline(sweep: Path) -> str:
     return (sweep / "summary.md").read_text().split("\n\n")[1].rstrip(".")
 
 
+def relu_and_tanh_jobs_reported_ok(result: subprocess.CompletedProcess, sweep: Path) -> list[dict]:
+    """Checks a finished `activation=relu,tanh` sweep: both jobs ok, in order, and in its report;
+    returns their metrics.json records."""
+    assert result.returncode == 0, result.stderr
+    records = [read_json(job / "metrics.json") for job in job_dirs(sweep)]
+    assert [(r["choices"]["activation"], r["status"]) for r in records] == [("relu", "ok"), ("tanh", "ok")]
+    assert headline(sweep) == f"2 jobs under {sweep}: 2 ok"
+    summary = (sweep / "summary.md").read_text()
+    assert "| relu |" in summary and "| tanh |" in summary
+    return records
+
+
 def test_joblib_gives_each_parallel_job_its_share_of_the_cores(data_root, tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli(["-m", *TINY, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "activation=relu,tanh",
                       f"hydra.sweep.dir={sweep}"], data_root, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    records = [read_json(job / "metrics.json") for job in job_dirs(sweep)]
-    assert [(r["choices"]["activation"], r["status"]) for r in records] == [("relu", "ok"), ("tanh", "ok")]
+    records = relu_and_tanh_jobs_reported_ok(result, sweep)
     assert [r["environment"]["torch_threads"] for r in records] == [max(1, os.cpu_count() // 2)] * 2
-    assert headline(sweep) == f"2 jobs under {sweep}: 2 ok"
-    summary = (sweep / "summary.md").read_text()
-    assert "| relu |" in summary and "| tanh |" in summary
 
 
 def test_submitit_local_runs_each_job_in_a_process_of_its_own(data_root, tmp_path):
@@ -61,13 +68,8 @@ def test_submitit_local_runs_each_job_in_a_process_of_its_own(data_root, tmp_pat
     # submitit_local starts every job at once: torch_threads gives each its share of the 2 cores
     result = run_cli(["-m", *TINY, "hydra/launcher=submitit_local", "torch_threads=1", "activation=relu,tanh",
                       f"hydra.sweep.dir={sweep}"], data_root, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    records = [read_json(job / "metrics.json") for job in job_dirs(sweep)]
-    assert [(r["choices"]["activation"], r["status"]) for r in records] == [("relu", "ok"), ("tanh", "ok")]
+    relu_and_tanh_jobs_reported_ok(result, sweep)
     assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 2  # each job's return value came back through submitit
-    assert headline(sweep) == f"2 jobs under {sweep}: 2 ok"
-    summary = (sweep / "summary.md").read_text()
-    assert "| relu |" in summary and "| tanh |" in summary
 
 
 def test_submitit_slurm_gpu_config_writes_the_sbatch_script_it_promises(data_root, tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,10 @@ def writable_dir_error(path: str | Path) -> str | None:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        # a file of its own, gone when closed: DDP ranks probe the same folder at the same moment, and a
+        # shared name let one rank delete the other's probe before that one could (ENOENT: "not writable")
+        with tempfile.TemporaryFile(dir=path):
+            pass
     except OSError as err:
         return (f"output folder {str(path)!r} is not writable ({err.strerror}). Run from a folder you can write "
                 "to, or choose another with hydra.run.dir=/writable/path (hydra.sweep.dir=... with -m).")

@@ -110,8 +110,13 @@ def image_ids(x: torch.Tensor, dataset: str = "mnist", normalized: bool = True) 
     return (p[:, 0] + 256 * p[:, 1]).tolist()
 
 
-def epoch_ids(batches: TensorBatches) -> list[int]:
-    return [i for x, _ in batches for i in image_ids(x)]
+def steps(loader: TensorBatches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (x, y) batches a loader serves, in order; a training loader's lists of them flattened."""
+    return [batch for item in loader for batch in (item if isinstance(item, list) else [item])]
+
+
+def epoch_ids(loader: TensorBatches) -> list[int]:
+    return [i for x, _ in steps(loader) for i in image_ids(x)]
 
 
 # ---------------------------------------------------------------- loading and normalisation
@@ -221,7 +226,7 @@ def test_labels_travel_with_their_images(root):
     dm.setup()
     loaders = [(dm.train_dataloader(), TRAIN_Y), (dm.val_dataloader(), TRAIN_Y), (dm.test_dataloader(), TEST_Y)]
     for loader, labels in loaders:
-        for x, y in loader:
+        for x, y in steps(loader):
             assert y.tolist() == labels[image_ids(x)].tolist()
 
 
@@ -248,12 +253,28 @@ def test_batch_shapes_and_the_last_partial_batch(root):
     dm = make_dm(root, batch_size=32, eval_batch_size=30)
     dm.setup()
     train = list(dm.train_dataloader())
+    assert all(len(group) == 1 for group in train)  # steps_per_call=1: lists of one batch
+    train = steps(dm.train_dataloader())
     assert [len(x) for x, _ in train] == [32] * 7 + [26]  # 250 = 7 * 32 + 26
     assert all(x.shape[1:] == (784,) and y.shape == (len(x),) for x, y in train)
     assert [len(x) for x, _ in dm.val_dataloader()] == [30, 20]
     assert [len(x) for x, _ in dm.test_dataloader()] == [30, 30, 30, 10]
     for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
         assert len(loader) == len(list(loader))
+
+
+@pytest.mark.parametrize("steps_per_call", [2, 3, 8, 9])
+def test_steps_per_call_groups_the_same_batches(root, steps_per_call):
+    """Grouping changes how batches are handed over, never which samples they hold or their order."""
+    one = make_dm(root, batch_size=32, steps_per_call=1)
+    grouped = make_dm(root, batch_size=32, steps_per_call=steps_per_call)
+    one.setup(), grouped.setup()
+    loader = grouped.train_dataloader()
+    groups = list(loader)
+    assert len(loader) == len(groups) == -(-8 // steps_per_call)  # 8 batches of 32 (the last 26)
+    assert all(len(g) == steps_per_call for g in groups[:-1]) and 1 <= len(groups[-1]) <= steps_per_call
+    for (xa, ya), (xb, yb) in zip(steps(one.train_dataloader()), steps(loader), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 @pytest.mark.parametrize(("n", "batch_size"), [(10, 3), (10, 5), (10, 10), (10, 11), (1, 4)])

@@ -58,9 +58,9 @@ class RecordBatches(L.Callback):
         self.epochs.append([])
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        x, _ = batch
-        self.batch_devices.add(str(x.device))
-        self.epochs[-1] += [self.index[row.numpy().tobytes()] for row in x.cpu()]
+        for x, _ in batch:  # data.steps_per_call (x, y) batches
+            self.batch_devices.add(str(x.device))
+            self.epochs[-1] += [self.index[row.numpy().tobytes()] for row in x.cpu()]
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)

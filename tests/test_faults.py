@@ -27,6 +27,7 @@ from mlplab.train import EXPECTED_ERRORS, ConfigError, run
     (["optimizer.lr=abc"], r"optimizer\.lr='abc' must be a number > 0"),
     (["data.batch_size=0"], r"data\.batch_size=0 must be a positive integer"),
     (["data.batch_size=abc"], r"data\.batch_size='abc' must be a positive integer"),
+    (["data.steps_per_call=0"], r"data\.steps_per_call=0 must be a positive integer"),
     (["data.batch_size=60000"], r"data\.batch_size=60000 is larger than the 59800 training images left after "
                                 r"val_size=200"),
     (["model.hidden_sizes=[0]"], r"model\.hidden_sizes=\[0\] must be a list of positive integers"),

@@ -203,33 +203,44 @@ class EpochShard:
 class TensorBatches:
     """Serves (x, y) batches of device-resident tensors in the order an `EpochShard` gives.
 
+    With `steps_per_call=k` it serves lists of up to k consecutive batches instead, one list per
+    Lightning batch: the training module takes one optimiser step per batch of the list, so that
+    Lightning's per-batch work (hooks, progress, logging: ~0.5 ms on a 2-core CPU, half a plain step
+    at batch 64) is paid once per k steps, as Keras's `steps_per_execution` does. Only the last
+    list of an epoch is shorter, and only its last batch may be smaller.
+
     Args:
         x: (N, D) float inputs, already normalised and on the training device.
         y: (N,) int64 labels, on the same device.
-        batch_size: samples per batch on this rank; the last batch may be smaller.
+        batch_size: samples per batch (per optimiser step) on this rank.
         sampler: which indices this rank visits; its `set_epoch` is called by Lightning.
+        steps_per_call: None serves each batch as (x, y); k >= 1 serves lists of up to k of them.
     """
 
     batch_sampler = None  # Lightning reads DataLoader's two sampler attributes; batching is done here
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, sampler: EpochShard) -> None:
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, sampler: EpochShard,
+                 steps_per_call: int | None = None) -> None:
         self.x, self.y, self.batch_size, self.sampler = x, y, batch_size, sampler
+        self.steps_per_call = steps_per_call
 
     def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
+        batches = math.ceil(len(self.sampler) / self.batch_size)
+        return batches if self.steps_per_call is None else math.ceil(batches / self.steps_per_call)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]]:
         idx = self.sampler.indices()
-        if not self.sampler.shuffle:  # a contiguous block: serve views, no gather
+        size = self.batch_size * (self.steps_per_call or 1)  # samples served at a time
+        if not self.sampler.shuffle:  # a contiguous block: views, no gather
             lo, hi = int(idx[0]) if len(idx) else 0, int(idx[-1]) + 1 if len(idx) else 0
-            for i in range(lo, hi, self.batch_size):
-                j = min(i + self.batch_size, hi)
-                yield self.x[i:j], self.y[i:j]
-            return
-        idx = idx.to(self.x.device)
-        for i in range(0, len(idx), self.batch_size):
-            j = idx[i:i + self.batch_size]
-            yield self.x[j], self.y[j]  # (B, D), (B,)
+            chunks = ((self.x[i:min(i + size, hi)], self.y[i:min(i + size, hi)]) for i in range(lo, hi, size))
+        else:
+            idx = idx.to(self.x.device)
+            # one gather per call, then views: (k * B, D) -> k x (B, D)
+            chunks = ((self.x[j], self.y[j]) for j in (idx[i:i + size] for i in range(0, len(idx), size)))
+        for x, y in chunks:
+            yield (x, y) if self.steps_per_call is None else list(zip(x.split(self.batch_size),
+                                                                      y.split(self.batch_size)))
 
 
 class ImageClassificationData(L.LightningDataModule):
@@ -245,6 +256,8 @@ class ImageClassificationData(L.LightningDataModule):
         shuffle_seed: seeds the per-epoch training order (epoch e uses shuffle_seed + e).
         normalize: standardise pixels with the dataset's mean/std; if false, pixels stay in [0, 1].
         eval_batch_size: samples per validation/test batch (memory only; metrics don't depend on it).
+        steps_per_call: training batches per Lightning batch (per training_step call): the loader
+            serves lists of this many (x, y) batches, and the module steps once per batch.
     """
 
     def __init__(
@@ -257,12 +270,14 @@ class ImageClassificationData(L.LightningDataModule):
         shuffle_seed: int = 0,
         normalize: bool = True,
         eval_batch_size: int = 10_000,
+        steps_per_call: int = 1,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"dataset={dataset!r} is not one of {sorted(DATASETS)}")
         self.info = DATASETS[dataset]
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                            ("steps_per_call", steps_per_call)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 < val_size < self.info.train_size:
@@ -273,6 +288,7 @@ class ImageClassificationData(L.LightningDataModule):
                              f"training images left after val_size={val_size}")
         self.dataset, self.root = dataset, root
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.steps_per_call = steps_per_call
         self.val_size, self.normalize = val_size, normalize
         self.split_seed, self.shuffle_seed = split_seed, shuffle_seed
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
@@ -322,14 +338,15 @@ class ImageClassificationData(L.LightningDataModule):
                        "val": on_device(images[val_idx], labels[val_idx]),
                        "test": on_device(test_images, test_labels)}
 
-    def _batches(self, split: str, shuffle: bool, batch_size: int) -> TensorBatches:
+    def _batches(self, split: str, shuffle: bool, batch_size: int, steps_per_call: int | None = None) -> TensorBatches:
         x, y = self.splits[split]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = EpochShard(len(x), shuffle=shuffle, seed=self.shuffle_seed, rank=rank, world_size=world)
-        return TensorBatches(x, y, batch_size, sampler)
+        return TensorBatches(x, y, batch_size, sampler, steps_per_call)
 
     def train_dataloader(self) -> TensorBatches:
-        return self._batches("train", shuffle=True, batch_size=self.batch_size)
+        """Lists of up to steps_per_call (x (B, D), y (B,)) batches, B = batch_size."""
+        return self._batches("train", shuffle=True, batch_size=self.batch_size, steps_per_call=self.steps_per_call)
 
     def val_dataloader(self) -> TensorBatches:
         return self._batches("val", shuffle=False, batch_size=self.eval_batch_size)

@@ -158,10 +158,9 @@ def add_histogram(writer: SummaryWriter, tag: str, values: Tensor, step: int, bi
 
 
 class ParameterHistograms(L.Callback):
-    """Logs per-layer weight and gradient histograms (weights/<param>, grads/<param>).
-
-    Both are taken just before the optimiser step of the epoch's last batch, where the gradients
-    are that batch's (Lightning may free them once the step is done).
+    """Logs per-layer weight and gradient histograms (weights/<param>, grads/<param>) after the last
+    training batch of every n-th epoch: the weights after its last step, the gradients of that step
+    (the module zeroes them when the next step begins; Lightning frees them when validation starts).
 
     Args:
         every_n_epochs: log in every n-th training epoch.
@@ -170,9 +169,9 @@ class ParameterHistograms(L.Callback):
     def __init__(self, every_n_epochs: int = 1) -> None:
         self.every_n_epochs = every_n_epochs
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        last_batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready == trainer.num_training_batches
-        if (not last_batch or not trainer.is_global_zero or trainer.logger is None
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if (batch_idx + 1 != trainer.num_training_batches or not trainer.is_global_zero or trainer.logger is None
                 or trainer.current_epoch % self.every_n_epochs):
             return
         writer = trainer.logger.experiment

@@ -6,6 +6,9 @@ from functools import partial
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -15,6 +18,23 @@ from mlplab.information import entropy_from_logits
 
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+def plain_backward_suffices(trainer: L.Trainer) -> bool:
+    """Whether `loss.backward()` does all that `LightningModule.manual_backward(loss)` would do here.
+
+    manual_backward is the strategy's pre-backward work (DDP: arm the gradient all-reduce), the
+    precision plugin's (16-mixed: scale the loss), on_before_backward / on_after_backward dispatched
+    to every callback and the module, and loss.backward(). The dispatch alone costs ~0.1 ms a step
+    on a 2-core CPU, a tenth of a plain batch-64 step (scripts/bench.py). On one device in full
+    precision, with neither hook overridden, the rest does nothing and the plain call computes the
+    same gradients (tests/test_train.py compares the weights of both).
+    """
+    hooks = ("on_before_backward", "on_after_backward")
+    listened = (any(is_overridden(hook, callback, L.Callback) for callback in trainer.callbacks for hook in hooks)
+                or any(is_overridden(hook, trainer.lightning_module, L.LightningModule) for hook in (*hooks, "backward")))
+    return (type(trainer.strategy) is SingleDeviceStrategy and type(trainer.precision_plugin) is Precision
+            and not listened)
 
 
 class Classifier(L.LightningModule):
@@ -43,6 +63,8 @@ class Classifier(L.LightningModule):
         scheduler: partial | None = None,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = False  # training_step takes several steps per call: see there
+        self.plain_backward = False  # set when fitting starts
         self.model, self.loss = model, loss
         self.optimizer, self.scheduler = optimizer, scheduler
         acc = partial(MulticlassAccuracy, num_classes, average="micro", validate_args=False)
@@ -60,34 +82,64 @@ class Classifier(L.LightningModule):
         # (B, D) -> (B, K) logits
         return self.model(x)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        logits = self.model(x)
-        loss = self.loss(logits, y)
-        # NaN/inf check: free on the CPU, so every step; on a GPU reading the loss waits for the
-        # device, so only at the logging interval (when the logger reads it anyway).
-        check_every = 1 if loss.device.type == "cpu" else self.trainer.log_every_n_steps
-        if batch_idx % check_every == 0 and not torch.isfinite(loss):
-            raise DivergenceError(
-                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
-                f"(batch {batch_idx} of the epoch), learning rate {self.trainer.optimizers[0].param_groups[0]['lr']:g}. "
-                "Lower optimizer.lr or pick a loss/init/schedule that keeps the logits finite; "
-                "the checkpoints written before this step are kept."
-            )
-        self.train_loss.update(loss.detach().expand(len(y)))  # (B,): the batch mean, once per sample
-        self.train_acc.update(logits, y)
-        # One self.log call costs ~0.35 ms of Python on a 2-core CPU, a third of a plain-PyTorch step at
-        # batch 64; three a step took a quarter of the epoch (scripts/bench.py). So each name is logged only
-        # where its value is used. An epoch value is the metric object's own accumulation, computed when
-        # the epoch ends: one call per epoch registers it.
+    def training_step(self, batches: list[tuple[Tensor, Tensor]], batch_idx: int) -> None:
+        # One optimiser step per (x (B, D), y (B,)) batch of the list (data.steps_per_call of them). Manual
+        # optimisation through Lightning's optimizer wrapper, so that global_step counts the steps, and
+        # through manual_backward where it has work to do: under DDP every backward all-reduces the
+        # gradients, a precision plugin may scale the loss (see plain_backward_suffices).
+        optimizer = self.optimizers()
+        every = self.trainer.log_every_n_steps
+        on_cpu = self.device.type == "cpu"
+        losses, logits_seen, targets = [], [], []
+        step = self.global_step  # steps done before this one; optimizer.step() adds 1 to global_step
+        for x, y in batches:
+            logits = self.model(x)
+            loss = self.loss(logits, y)
+            # NaN/inf check: free on the CPU, so every step; on a GPU reading the loss waits for the
+            # device, so only at the logging interval (when the loss is read anyway).
+            if (on_cpu or (every and step % every == 0)) and not torch.isfinite(loss):
+                raise DivergenceError(
+                    f"training loss is {loss.item()} at epoch {self.current_epoch}, step {step} (learning rate "
+                    f"{optimizer.param_groups[0]['lr']:g}). Lower optimizer.lr or pick a "
+                    "loss/init/schedule that keeps the logits finite; the checkpoints written before this "
+                    "step are kept."
+                )
+            optimizer.zero_grad()
+            if self.plain_backward:
+                loss.backward()
+            else:
+                self.manual_backward(loss)
+            optimizer.step()
+            step += 1
+            losses.append(loss.detach().expand(len(y)))  # (B,): the batch mean, once per sample
+            logits_seen.append(logits.detach())
+            targets.append(y)
+            # the step loss every trainer.log_every_n_steps optimiser steps, at x = global_step (steps done);
+            # straight to the loggers because Lightning's own interval counts its batches, not steps
+            if every and step % every == 0:
+                for logger in self.loggers:
+                    logger.log_metrics({"train/loss_step": float(loss)}, step=step)
+        # Epoch values: the metric objects accumulate on the device, once per call
+        self.train_loss.update(torch.cat(losses))
+        self.train_acc.update(torch.cat(logits_seen), torch.cat(targets))
+        # One self.log call costs ~0.35 ms of Python on a 2-core CPU: each name is logged once per call
+        # at most. An epoch value is the metric object's own accumulation, computed when the epoch ends:
+        # one call per epoch registers it.
         if batch_idx == 0:
             self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        # The step loss at the steps Lightning writes to the logger: every trainer.log_every_n_steps.
-        every = self.trainer.log_every_n_steps
-        if every and (self.global_step + 1) % every == 0:
-            self.log("train/loss_step", loss, prog_bar=True)
-        return loss
+        if self.trainer.progress_bar_callback is not None:
+            self.log("train/loss_step", loss, prog_bar=True, logger=False)  # the call's last step
+
+    def on_fit_start(self) -> None:
+        self.plain_backward = plain_backward_suffices(self.trainer)
+
+    def on_train_epoch_end(self) -> None:
+        # Manual optimisation leaves the schedule to the module: one step per epoch. It runs before
+        # ModelCheckpoint saves last.ckpt, so a resumed run starts the next epoch at the next rate.
+        if (scheduler := self.lr_schedulers()) is not None:
+            scheduler.step()
+        self.log_step()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -98,6 +150,9 @@ class Classifier(L.LightningModule):
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
         self.log("val/entropy_bits", self.val_entropy)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_step()
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         x, y = batch
@@ -114,12 +169,19 @@ class Classifier(L.LightningModule):
         for i, acc in enumerate(self.test_class_acc.compute()):
             self.log(f"test/acc_class_{i}", acc, sync_dist=True)  # equal on all ranks already; quiets Lightning
         self.test_class_acc.reset()
+        self.log_step()
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
         if self.scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"}}
+
+    def log_step(self) -> None:
+        """Logs "step" = global_step with a stage's epoch values, which Lightning then uses as their x in
+        TensorBoard (its default, the count of its batches, is not the step count when a batch holds
+        data.steps_per_call optimiser steps): train/loss_step and the epoch values share one axis."""
+        self.log("step", float(self.global_step), on_step=False, on_epoch=True, batch_size=1, sync_dist=True)  # equal on all ranks
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Global RNG state (dropout masks), so a resumed run continues the same random stream.

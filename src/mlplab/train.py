@@ -327,8 +327,10 @@ def interrupted_message(out: Path, signal_name: str) -> str:
 
 
 def epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
-    """trainer.callback_metrics as floats, epoch values only, named without Lightning's _epoch suffix."""
-    return {k.removesuffix("_epoch"): float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
+    """trainer.callback_metrics as floats, epoch values only, named without Lightning's _epoch suffix
+    (and without "step", the x of the logged values, see Classifier.log_step)."""
+    return {k.removesuffix("_epoch"): float(v) for k, v in trainer.callback_metrics.items()
+            if not k.endswith("_step") and k != "step"}
 
 
 def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:

@@ -40,10 +40,14 @@ def plain_backward_suffices(trainer: L.Trainer) -> bool:
 class Classifier(L.LightningModule):
     """Trains `model` with `loss` and logs stage/name metrics.
 
-    Logged: train/loss_step, train/loss, train/acc, val/loss, val/acc, val/entropy_bits (mean predictive entropy
-    of softmax outputs, in bits), test/loss, test/acc, and test/acc_class_<i> per class.
-    Every metric is a torchmetrics object: it accumulates on the device and is reduced over
-    DDP ranks when computed, so no step forces a host sync.
+    Logged: train/loss_step (every trainer.log_every_n_steps optimiser steps), train/loss, train/acc, val/loss,
+    val/acc, val/entropy_bits (mean predictive entropy of softmax outputs, in bits), test/loss, test/acc, and
+    test/acc_class_<i> per class, all against the optimiser step. Every epoch metric is a torchmetrics
+    object: it accumulates on the device and is reduced over DDP ranks when computed, so no step forces a
+    host sync.
+
+    Each training batch is a list of (x, y) batches, one optimiser step each (data.steps_per_call), so
+    optimisation is manual: training_step steps the optimiser, on_train_epoch_end the LR scheduler.
 
     Args:
         model: maps (B, D) inputs to (B, K) logits.

@@ -38,7 +38,7 @@ EVENTS = re.compile(r"events\.out\.tfevents\..*")
 
 class RecordBatches(L.Callback):
     """Writes <dirpath>/rank<r>.json: the training-split indices of each epoch's batches on this rank,
-    where its data and batches lived, and its torch threads.
+    where its data and batches lived, its torch threads, its step count and a sum per trained parameter.
 
     Args:
         dirpath: where the files go, outside the run dir.
@@ -68,6 +68,8 @@ class RecordBatches(L.Callback):
             "world_size": trainer.world_size, "root_device": str(trainer.strategy.root_device),
             "data_devices": sorted({str(t.device) for pair in trainer.datamodule.splits.values() for t in pair}),
             "batch_devices": sorted(self.batch_devices), "threads": torch.get_num_threads(), "epochs": self.epochs,
+            "weights": [p.detach().double().sum().item() for p in pl_module.parameters()],
+            "steps": trainer.global_step,
         }))
 
 
@@ -154,6 +156,14 @@ def test_each_training_image_is_seen_once_per_epoch_across_the_ranks(runs):
         assert len(set(seen)) == len(seen)  # no image twice, within or across ranks
         assert set(seen) <= set(range(N_TRAIN)) and N_TRAIN - len(seen) == N_TRAIN % 2  # only the remainder left out
     assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]  # a new order each epoch
+
+
+def test_ranks_end_with_the_same_weights_after_every_step_was_synchronised(runs):
+    """Several optimiser steps per Lightning batch (data.steps_per_call): each step's gradients are
+    all-reduced (manual_backward arms DDP's reducer), so ranks that saw different images agree."""
+    ranks = read_ranks(runs["batches"])
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 2 * -(-(N_TRAIN // 2) // 50)  # 2 epochs of batch 50
+    assert ranks[0]["weights"] == ranks[1]["weights"]
 
 
 def test_multirun_of_ddp_jobs_leaves_one_dir_per_job_and_a_report(runs, data_root, tmp_path):

@@ -122,7 +122,7 @@ class Classifier(L.LightningModule):
             # straight to the loggers because Lightning's own interval counts its batches, not steps
             if every and step % every == 0:
                 for logger in self.loggers:
-                    logger.log_metrics({"train/loss_step": float(loss)}, step=step)
+                    logger.log_metrics({"train/loss_step": loss.item()}, step=step)
         # Epoch values: the metric objects accumulate on the device, once per call
         self.train_loss.update(torch.cat(losses))
         self.train_acc.update(torch.cat(logits_seen), torch.cat(targets))

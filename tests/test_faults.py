@@ -39,6 +39,11 @@ from mlplab.train import EXPECTED_ERRORS, ConfigError, run
     (["data.val_size=60000"], r"data\.val_size=60000 must be an integer in \[1, 59999\]"),
     (["data.val_size=0"], r"data\.val_size=0 must be an integer in \[1, 59999\]"),
     (["trainer.max_epochs=0"], r"trainer\.max_epochs=0 must be an integer >= 1"),
+    (["+trainer.gradient_clip_val=1.0"], r"trainer\.gradient_clip_val is not used by this kit: set the root key "
+                                          r"instead: gradient_clip_val="),
+    (["+trainer.accumulate_grad_batches=2"], r"trainer\.accumulate_grad_batches is not used by this kit: raise "
+                                             r"data\.batch_size"),
+    (["gradient_clip_val=-1"], r"gradient_clip_val=-1 must be a number > 0, or null"),
     (["loss=huber", "loss.delta=0"], r"loss\.delta=0 must be a positive number"),
 ])
 def test_out_of_range_values_fail_before_training_naming_key_value_and_rule(overrides, message, data_root, tmp_path):

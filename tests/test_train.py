@@ -151,6 +151,30 @@ def test_steps_per_call_and_the_backward_path_leave_the_same_weights(data_root, 
         assert record["metrics"]["train/loss"] == pytest.approx(one["metrics"]["train/loss"], rel=1e-6)
 
 
+class GradientNorms(L.Callback):
+    """Records the total gradient norm that each optimiser step applies."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+
+def test_gradient_clip_val_clips_every_step(data_root, tmp_path):
+    runs = {}
+    for clip in ("null", "0.05"):
+        norms = GradientNorms()
+        cfg = compose_config(["trainer.limit_train_batches=1.0", f"gradient_clip_val={clip}"], tmp_path / clip,
+                             data_root)
+        assert run(cfg, extra_callbacks=[norms])["status"] == "ok"
+        runs[clip] = norms.norms
+    assert len(runs["null"]) == len(runs["0.05"]) == 20  # every step of the epoch
+    assert max(runs["null"]) > 0.5  # unclipped, the early steps' norms are far above the limit
+    assert max(runs["0.05"]) <= 0.05 * (1 + 1e-5)
+
+
 def test_real_datasets_load_with_the_documented_split(real_data_root, tmp_path):
     for dataset in ("mnist", "fashion_mnist"):
         cfg = compose_config([f"data={dataset}", "data.val_size=5000", "+trainer.limit_test_batches=1"],

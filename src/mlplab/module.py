@@ -56,6 +56,9 @@ class Classifier(L.LightningModule):
         num_classes: K.
         scheduler: an optional partial LR scheduler, completed with the optimiser; stepped
             once per epoch.
+        gradient_clip_val: if set, each step's gradient norm (all parameters together) is clipped
+            to it before the update, as Lightning's Trainer(gradient_clip_val=...) would do in
+            automatic optimisation.
     """
 
     def __init__(
@@ -65,12 +68,14 @@ class Classifier(L.LightningModule):
         optimizer: partial,
         num_classes: int,
         scheduler: partial | None = None,
+        gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False  # training_step takes several steps per call: see there
         self.plain_backward = False  # set when fitting starts
         self.model, self.loss = model, loss
         self.optimizer, self.scheduler = optimizer, scheduler
+        self.gradient_clip_val = gradient_clip_val
         acc = partial(MulticlassAccuracy, num_classes, average="micro", validate_args=False)
         self.train_acc, self.val_acc, self.test_acc = acc(), acc(), acc()
         # Means over samples, fed one value per sample. MeanMetric's default nan_strategy ("warn") reads each
@@ -113,6 +118,8 @@ class Classifier(L.LightningModule):
                 loss.backward()
             else:
                 self.manual_backward(loss)
+            if self.gradient_clip_val is not None:  # through the precision plugin: unscales AMP gradients first
+                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
             optimizer.step()
             step += 1
             losses.append(loss.detach().expand(len(y)))  # (B,): the batch mean, once per sample

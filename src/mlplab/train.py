@@ -256,6 +256,17 @@ def check_config(cfg: DictConfig) -> None:
     epochs = cfg.trainer.max_epochs
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"trainer.max_epochs={epochs!r} must be an integer >= 1")
+    clip = cfg.gradient_clip_val
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, Real) or not clip > 0):
+        raise ConfigError(f"gradient_clip_val={clip!r} must be a number > 0, or null for no clipping")
+    # Lightning does these two only in automatic optimisation; the kit steps the optimiser itself
+    # (data.steps_per_call steps per Lightning batch), and Lightning's own refusal suggests a switch it cannot make
+    instead = {  # key: (its value that does nothing, the fix)
+        "gradient_clip_val": (None, "set the root key instead: gradient_clip_val=<max norm> (clips every step)"),
+        "accumulate_grad_batches": (1, "raise data.batch_size instead (k batches of B average like one of k x B)")}
+    for key, (inactive, fix) in instead.items():
+        if OmegaConf.select(cfg, f"trainer.{key}", default=inactive) != inactive:
+            raise ConfigError(f"trainer.{key} is not used by this kit: {fix}")
     if (error := writable_dir_error(cfg.output_dir)) is not None:
         raise ConfigError(error)
 
@@ -370,7 +381,8 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         datamodule = build(cfg, "data")
         module = Classifier(model=build_model(cfg, datamodule), loss=build(cfg, "loss"), optimizer=build(cfg, "optimizer"),
                             num_classes=datamodule.num_classes,
-                            scheduler=build(cfg, "scheduler") if cfg.scheduler is not None else None)
+                            scheduler=build(cfg, "scheduler") if cfg.scheduler is not None else None,
+                            gradient_clip_val=cfg.gradient_clip_val)
         logger = build(cfg, "logger")
         # trainer.enable_progress_bar=false must not meet a progress-bar callback (Lightning refuses the pair)
         names = [n for n in cfg.callbacks if n != "progress_bar" or cfg.trainer.enable_progress_bar]

@@ -152,14 +152,18 @@ def test_steps_per_call_and_the_backward_path_leave_the_same_weights(data_root, 
 
 
 class GradientNorms(L.Callback):
-    """Records the total gradient norm that each optimiser step applies."""
+    """Records the total gradient norm that each optimiser step applies (read after the step, where the
+    gradients are the ones it used: clipping happens inside optimizer.step(), after its pre-hooks)."""
 
     def __init__(self) -> None:
         self.norms: list[float] = []
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        self.norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        def record(optimizer, args, kwargs) -> None:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self.norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+        trainer.optimizers[0].register_step_post_hook(record)
 
 
 def test_gradient_clip_val_clips_every_step(data_root, tmp_path):

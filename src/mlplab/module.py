@@ -118,9 +118,7 @@ class Classifier(L.LightningModule):
                 loss.backward()
             else:
                 self.manual_backward(loss)
-            if self.gradient_clip_val is not None:  # through the precision plugin: unscales AMP gradients first
-                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-            optimizer.step()
+            optimizer.step()  # clips first if asked: see on_before_optimizer_step
             step += 1
             losses.append(loss.detach().expand(len(y)))  # (B,): the batch mean, once per sample
             logits_seen.append(logits.detach())
@@ -141,6 +139,12 @@ class Classifier(L.LightningModule):
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         if self.trainer.progress_bar_callback is not None:
             self.log("train/loss_step", loss, prog_bar=True, logger=False)  # the call's last step
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Here, not between backward and step in training_step: 16-mixed unscales the gradients inside
+        # optimizer.step(), just before this hook, and clipping scaled gradients would clip the wrong norm.
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
 
     def on_fit_start(self) -> None:
         self.plain_backward = plain_backward_suffices(self.trainer)

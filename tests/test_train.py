@@ -151,6 +151,14 @@ def test_steps_per_call_and_the_backward_path_leave_the_same_weights(data_root, 
         assert record["metrics"]["train/loss"] == pytest.approx(one["metrics"]["train/loss"], rel=1e-6)
 
 
+def test_max_steps_counts_optimiser_steps_inside_a_lightning_batch(data_root, tmp_path):
+    cfg = compose_config(["trainer.limit_train_batches=1.0", "data.steps_per_call=4", "+trainer.max_steps=6"],
+                         tmp_path, data_root)
+    assert run(cfg)["status"] == "ok"
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 6  # not 8: the second batch of 4 stops after 2
+
+
 class GradientNorms(L.Callback):
     """Records the total gradient norm that each optimiser step applies (read after the step, where the
     gradients are the ones it used: clipping happens inside optimizer.step(), after its pre-hooks)."""

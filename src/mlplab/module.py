@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import lightning as L
@@ -101,7 +102,11 @@ class Classifier(L.LightningModule):
         on_cpu = self.device.type == "cpu"
         losses, logits_seen, targets = [], [], []
         step = self.global_step  # steps done before this one; optimizer.step() adds 1 to global_step
+        # trainer.max_steps counts optimiser steps; Lightning checks it between its batches only
+        max_steps = self.trainer.max_steps if self.trainer.max_steps >= 0 else math.inf
         for x, y in batches:
+            if step >= max_steps:
+                break
             logits = self.model(x)
             loss = self.loss(logits, y)
             # NaN/inf check: free on the CPU, so every step; on a GPU reading the loss waits for the
@@ -128,6 +133,8 @@ class Classifier(L.LightningModule):
             if every and step % every == 0:
                 for logger in self.loggers:
                     logger.log_metrics({"train/loss_step": loss.item()}, step=step)
+        if not losses:  # max_steps was reached before this call (Lightning normally stops first)
+            return
         # Epoch values: the metric objects accumulate on the device, once per call
         self.train_loss.update(torch.cat(losses))
         self.train_acc.update(torch.cat(logits_seen), torch.cat(targets))

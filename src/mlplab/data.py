@@ -110,7 +110,9 @@ def check_idx_file(path: Path, kind: str) -> int:
 def unwritable(folder: Path) -> OSError | None:
     """The error that stops files being written into `folder` (created if need be), or None.
 
-    Tried for real rather than with os.access, which says yes to root on a read-only mount.
+    Tried for real rather than with os.access, which says yes to root on a read-only mount, and with
+    a file of its own, gone when closed: DDP ranks probe the same folder at the same moment, and a
+    shared name let one rank delete the other's probe first (ENOENT, reported as "not writable").
     """
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ import platform
 import socket
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from mlplab.data import unwritable
 
 METRICS_FILE = "metrics.json"
 PACKAGES = ("mlplab", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "torchmetrics", "tensorboard",
@@ -65,14 +66,7 @@ def environment() -> dict[str, Any]:
 
 def writable_dir_error(path: str | Path) -> str | None:
     """Why `path` cannot be made into a writable folder, or None if it can (it is then created)."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        # a file of its own, gone when closed: DDP ranks probe the same folder at the same moment, and a
-        # shared name let one rank delete the other's probe before that one could (ENOENT: "not writable")
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
+    if (err := unwritable(Path(path))) is not None:
         return (f"output folder {str(path)!r} is not writable ({err.strerror}). Run from a folder you can write "
                 "to, or choose another with hydra.run.dir=/writable/path (hydra.sweep.dir=... with -m).")
     return None

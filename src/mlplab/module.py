@@ -197,7 +197,7 @@ class Classifier(L.LightningModule):
         optimizer = self.optimizer(self.parameters())
         if self.scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer)}  # stepped in on_train_epoch_end
 
     def log_step(self) -> None:
         """Logs "step" = global_step with a stage's epoch values, which Lightning then uses as their x in

@@ -5,7 +5,6 @@
 """
 
 import logging
-import os
 import sys
 
 import hydra
@@ -13,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from mlplab.report import launcher_rank
 from mlplab.train import EXPECTED_ERRORS, run
 
 log = logging.getLogger("mlplab")
@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(f"error: {err}")
         raise
     metrics = record["metrics"]
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank runs this script: rank 0 reports
+    if launcher_rank() != 0:  # under torchrun or srun every rank runs this script: rank 0 reports
         return metrics["val/acc"]
     print(f"test/acc {metrics['test/acc']:.4f}  test/loss {metrics['test/loss']:.4f}  "
           f"{record['epochs']} epochs  {record['wall_time_s']:.1f} s  {cfg.output_dir}")

@@ -422,6 +422,11 @@ def write_report(summary: Summary) -> list[Path]:
     return paths
 
 
+def launcher_rank() -> int:
+    """This process's global rank as torchrun (RANK) or srun (SLURM_PROCID) set it; 0 when started alone."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 class SweepReport(Callback):
     """Reports a multirun once its last job has ended, and fails the sweep if any job did.
 
@@ -431,7 +436,7 @@ class SweepReport(Callback):
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
+        if launcher_rank() != 0:
             return  # torchrun / srun make every rank a Hydra multirun: one report, rank 0's, after its last job
         sweep_dir = Path(str(config.hydra.sweep.dir))
         summary = summarize(sweep_dir)

@@ -19,8 +19,8 @@ slows all variants alike. Per variant, the medians over rounds of:
                   history), median over the epochs after the first
     epoch cpu s   the same epochs in CPU seconds of the process, all threads: with --threads 1 the
                   steadier measure on a machine that other work keeps busy
-    first step s  from just before the process was started to the first optimiser step (its forward
-                  and backward done; marked just before the update)
+    first step s  from just before the process was started to the first training step (its batch in
+                  hand, marked just before its forward)
     wall s        the whole process: start-up, data, all epochs, test, writing results, exit
     cpu s         the whole process in CPU seconds (os.wait4)
     peak RSS MB   the process's maximum resident set (os.wait4), in 10^6 bytes
@@ -135,8 +135,12 @@ def epoch_timer(path: str, start: float) -> Any:
         def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             self.clock.epoch_start()
 
-        def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-            self.clock.first_step()  # as the other loops mark it: forward and backward done, before the update
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                 batch_idx: int) -> None:
+            # as the other loops mark it: the first batch in hand, before its forward. (Not in
+            # on_before_optimizer_step: a callback listening there puts the kit on Lightning's slower
+            # step path, see mlplab.module.plain_step_suffices.)
+            self.clock.first_step()
 
         def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             self.clock.train_end()
@@ -217,10 +221,10 @@ def train_and_test(spec: dict[str, Any], clock: Clock, device: Any, epoch_batche
         for step, (x, y) in enumerate(epoch_batches(epoch)):
             if step == spec["limit_batches"]:
                 break
+            clock.first_step()
             loss = loss_fn(model(x.to(device).flatten(1)), y.to(device))
             optimizer.zero_grad()
             loss.backward()
-            clock.first_step()
             optimizer.step()
         scheduler.step()
         clock.begin("val")

@@ -8,6 +8,7 @@ from functools import partial
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
@@ -21,6 +22,18 @@ class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+def one_device_full_precision(trainer: L.Trainer) -> bool:
+    """Whether Lightning's strategy and precision plugin leave backward and optimizer.step as they are:
+    on one device in full precision they do nothing (DDP arms the gradient all-reduce, 16-mixed scales)."""
+    return type(trainer.strategy) is SingleDeviceStrategy and type(trainer.precision_plugin) is Precision
+
+
+def hooks_listened(trainer: L.Trainer, hooks: tuple[str, ...]) -> bool:
+    """Whether a callback, or the module beyond what Classifier itself does, overrides any of `hooks`."""
+    return (any(is_overridden(hook, callback, L.Callback) for callback in trainer.callbacks for hook in hooks)
+            or any(is_overridden(hook, trainer.lightning_module, Classifier) for hook in hooks))
+
+
 def plain_backward_suffices(trainer: L.Trainer) -> bool:
     """Whether `loss.backward()` does all that `LightningModule.manual_backward(loss)` would do here.
 
@@ -31,11 +44,23 @@ def plain_backward_suffices(trainer: L.Trainer) -> bool:
     precision, with neither hook overridden, the rest does nothing and the plain call computes the
     same gradients (tests/test_train.py compares the weights of both).
     """
-    hooks = ("on_before_backward", "on_after_backward")
-    listened = (any(is_overridden(hook, callback, L.Callback) for callback in trainer.callbacks for hook in hooks)
-                or any(is_overridden(hook, trainer.lightning_module, L.LightningModule) for hook in (*hooks, "backward")))
-    return (type(trainer.strategy) is SingleDeviceStrategy and type(trainer.precision_plugin) is Precision
-            and not listened)
+    return one_device_full_precision(trainer) and not hooks_listened(
+        trainer, ("on_before_backward", "on_after_backward", "backward"))
+
+
+def plain_step_suffices(trainer: L.Trainer) -> bool:
+    """Whether the torch optimizer's own step() does all that Lightning's optimizer wrapper would do here,
+    apart from counting the step (which Classifier.training_step then does itself).
+
+    LightningOptimizer.step() is the profiler's "optimizer_step" span, the precision plugin's step
+    (16-mixed: unscale, skip on inf), a closure that dispatches on_before_optimizer_step to every
+    callback and the module, and the step count behind trainer.global_step. That costs ~60 us a
+    step on a 2-core CPU, plus ~3 us per callback: 5-9% of a plain batch-64 step. On one device in
+    full precision, with no profiler and nothing else listening to the hook, only the count is left
+    (tests/test_train.py compares the weights and step counts of both paths).
+    """
+    return (one_device_full_precision(trainer) and isinstance(trainer.profiler, PassThroughProfiler)
+            and not hooks_listened(trainer, ("on_before_optimizer_step",)))
 
 
 class Classifier(L.LightningModule):
@@ -73,7 +98,7 @@ class Classifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False  # training_step takes several steps per call: see there
-        self.plain_backward = False  # set when fitting starts
+        self.plain_backward = self.plain_step = False  # set when fitting starts
         self.model, self.loss = model, loss
         self.optimizer, self.scheduler = optimizer, scheduler
         self.gradient_clip_val = gradient_clip_val
@@ -93,50 +118,61 @@ class Classifier(L.LightningModule):
         return self.model(x)
 
     def training_step(self, batches: list[tuple[Tensor, Tensor]], batch_idx: int) -> None:
-        # One optimiser step per (x (B, D), y (B,)) batch of the list (data.steps_per_call of them). Manual
-        # optimisation through Lightning's optimizer wrapper, so that global_step counts the steps, and
-        # through manual_backward where it has work to do: under DDP every backward all-reduces the
-        # gradients, a precision plugin may scale the loss (see plain_backward_suffices).
+        # One optimiser step per (x (B, D), y (B,)) batch of the list (data.steps_per_call of them), in
+        # manual optimisation. Through manual_backward and Lightning's optimizer wrapper where they have
+        # work to do (DDP all-reduces the gradients in backward, 16-mixed scales the loss and unscales
+        # before the step, callbacks may listen); else through loss.backward() and the torch optimizer's
+        # own step(), which skip their per-step cost (see plain_backward_suffices, plain_step_suffices).
         optimizer = self.optimizers()
         every = self.trainer.log_every_n_steps
-        on_cpu = self.device.type == "cpu"
         losses, logits_seen, targets = [], [], []
-        step = self.global_step  # steps done before this one; optimizer.step() adds 1 to global_step
+        first = step = self.global_step  # steps done before this call
         # trainer.max_steps counts optimiser steps; Lightning checks it between its batches only
         max_steps = self.trainer.max_steps if self.trainer.max_steps >= 0 else math.inf
+        # The count behind trainer.global_step, which the wrapper keeps (Lightning-AI/pytorch-lightning#11848)
+        # and the plain step must keep itself: Lightning's loop costs ~2x a small model's CPU step, and its
+        # maintainers chose not to make it cheaper (Lightning-AI/pytorch-lightning#8857).
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
         for x, y in batches:
             if step >= max_steps:
                 break
             logits = self.model(x)
             loss = self.loss(logits, y)
-            # NaN/inf check: free on the CPU, so every step; on a GPU reading the loss waits for the
-            # device, so only at the logging interval (when the loss is read anyway).
-            if (on_cpu or (every and step % every == 0)) and not torch.isfinite(loss):
-                raise DivergenceError(
-                    f"training loss is {loss.item()} at epoch {self.current_epoch}, step {step} (learning rate "
-                    f"{optimizer.param_groups[0]['lr']:g}). Lower optimizer.lr or pick a "
-                    "loss/init/schedule that keeps the logits finite; the checkpoints written before this "
-                    "step are kept."
-                )
             optimizer.zero_grad()
             if self.plain_backward:
                 loss.backward()
             else:
                 self.manual_backward(loss)
-            optimizer.step()  # clips first if asked: see on_before_optimizer_step
+            if self.plain_step:
+                if self.gradient_clip_val is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+                optimizer.optimizer.step()
+                progress.increment_ready()
+                progress.increment_completed()
+            else:
+                optimizer.step()  # clips first if asked: see on_before_optimizer_step
             step += 1
-            losses.append(loss.detach().expand(len(y)))  # (B,): the batch mean, once per sample
+            losses.append(loss.detach())
             logits_seen.append(logits.detach())
             targets.append(y)
             # the step loss every trainer.log_every_n_steps optimiser steps, at x = global_step (steps done);
             # straight to the loggers because Lightning's own interval counts its batches, not steps
             if every and step % every == 0:
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise self.divergence(value, step - 1)
                 for logger in self.loggers:
-                    logger.log_metrics({"train/loss_step": loss.item()}, step=step)
+                    logger.log_metrics({"train/loss_step": value}, step=step)
         if not losses:  # max_steps was reached before this call (Lightning normally stops first)
             return
+        # NaN/inf check of every step's loss, once per call: reading a value waits for the device, which on
+        # the CPU costs nothing, and on a GPU only happens at the logging interval (above). A diverged step
+        # ends the run before anything is written: checkpoints come at the epoch's end.
+        if self.device.type == "cpu" and not (finite := torch.isfinite(torch.stack(losses))).all():
+            bad = int(finite.logical_not().nonzero()[0])
+            raise self.divergence(losses[bad].item(), first + bad)
         # Epoch values: the metric objects accumulate on the device, once per call
-        self.train_loss.update(torch.cat(losses))
+        self.train_loss.update(torch.cat([loss.expand(len(y)) for loss, y in zip(losses, targets)]))  # per sample
         self.train_acc.update(torch.cat(logits_seen), torch.cat(targets))
         # One self.log call costs ~0.35 ms of Python on a 2-core CPU: each name is logged once per call
         # at most. An epoch value is the metric object's own accumulation, computed when the epoch ends:
@@ -145,7 +181,15 @@ class Classifier(L.LightningModule):
             self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         if self.trainer.progress_bar_callback is not None:
-            self.log("train/loss_step", loss, prog_bar=True, logger=False)  # the call's last step
+            self.log("train/loss_step", losses[-1], prog_bar=True, logger=False)  # the call's last step
+
+    def divergence(self, loss: float, step: int) -> DivergenceError:
+        """The error for a non-finite training loss at optimiser step `step` (0-based, counted from the run's start)."""
+        lr = self.optimizers().param_groups[0]["lr"]
+        return DivergenceError(
+            f"training loss is {loss} at epoch {self.current_epoch}, step {step} (learning rate {lr:g}). Lower "
+            "optimizer.lr or pick a loss/init/schedule that keeps the logits finite; the checkpoints written "
+            "before this step are kept.")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Here, not between backward and step in training_step: 16-mixed unscales the gradients inside
@@ -155,6 +199,7 @@ class Classifier(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.plain_backward = plain_backward_suffices(self.trainer)
+        self.plain_step = plain_step_suffices(self.trainer)
 
     def on_train_epoch_end(self) -> None:
         # Manual optimisation leaves the schedule to the module: one step per epoch. It runs before

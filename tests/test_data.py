@@ -147,6 +147,21 @@ def test_setup_loads_normalised_tensors_on_cpu(root):
     assert x[0, 5 * 28 + 7].item() == pytest.approx(((3 * 147 + i) % 256 / 255 - 0.1307) / 0.3081, abs=1e-5)
 
 
+def test_each_stage_loads_its_splits_and_fit_teardown_frees_train(root):
+    dm = make_dm(root)
+    dm.setup("fit")
+    assert set(dm.splits) == {"train", "val"}
+    train, val = dm.splits["train"], dm.splits["val"]
+    dm.teardown("fit")  # Lightning, when fitting ends: the test that follows does not read train
+    assert set(dm.splits) == {"val"}
+    dm.setup("test")
+    assert set(dm.splits) == {"val", "test"} and dm.splits["val"] is val  # loaded once
+    dm.setup("fit")  # fitting again loads train again, the same split
+    assert all(torch.equal(a, b) for a, b in zip(dm.splits["train"], train))
+    dm.teardown("test")
+    assert set(dm.splits) == {"train", "val", "test"}
+
+
 def test_test_split_is_whole_and_in_file_order(root):
     dm = make_dm(root)
     dm.setup()

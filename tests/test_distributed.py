@@ -136,6 +136,7 @@ def test_ddp_test_and_val_metrics_are_reduced_over_all_ranks(runs, data_root):
     assert record["metrics"]["test/loss"] == pytest.approx(single["test/loss"], abs=1e-6)
     # val: the last epoch's val/acc is that of last.ckpt's weights over all 199 val images
     _, model, datamodule = load_checkpoint(ddp / "checkpoints" / "last.ckpt", data_root=str(data_root))
+    datamodule.setup("validate")  # load_checkpoint loads the test split only
     _, logits, targets = predict(model, datamodule, "val")
     assert len(targets) == 199
     val_acc = (logits.argmax(-1) == targets).double().mean().item()

@@ -245,6 +245,10 @@ class TensorBatches:
                                                                       y.split(self.batch_size)))
 
 
+# The splits each Lightning stage reads (setup's `stage`)
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
 class ImageClassificationData(L.LightningDataModule):
     """MNIST or Fashion-MNIST, split into train/val/test, held as tensors on the training device.
 
@@ -320,25 +324,34 @@ class ImageClassificationData(L.LightningDataModule):
             ensure_split_files(self.root, self.dataset, split)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+        """Loads the splits that `stage` reads (fit: train and val; validate: val; test and predict: test;
+        None: all three) and has not loaded yet."""
+        wanted = STAGE_SPLITS.get(stage, ("train", "val", "test"))
+        missing = [split for split in wanted if split not in self.splits]
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        images, labels = load_split(self.root, self.dataset, "train")
-        if len(images) <= self.val_size:
-            raise DataError(f"val_size={self.val_size} leaves no training images: {self.root} holds only "
-                            f"{len(images)} {self.dataset} training images. Lower data.val_size.")
-        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed))
-        train_idx, val_idx = perm[:-self.val_size], perm[-self.val_size:]
-        test_images, test_labels = load_split(self.root, self.dataset, "test")
 
         def on_device(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
             # uint8 moved, then made float on the device: a quarter of the bytes to gather and copy,
             # and no float copy of the whole training file (188 MB for MNIST) beside its splits
             return self.to_inputs(images.to(device)), labels.long().to(device)
 
-        self.splits = {"train": on_device(images[train_idx], labels[train_idx]),
-                       "val": on_device(images[val_idx], labels[val_idx]),
-                       "test": on_device(test_images, test_labels)}
+        if "train" in missing or "val" in missing:  # both cut from the training file
+            images, labels = load_split(self.root, self.dataset, "train")
+            if len(images) <= self.val_size:
+                raise DataError(f"val_size={self.val_size} leaves no training images: {self.root} holds only "
+                                f"{len(images)} {self.dataset} training images. Lower data.val_size.")
+            perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed))
+            for split, idx in (("train", perm[:-self.val_size]), ("val", perm[-self.val_size:])):
+                if split in missing:
+                    self.splits[split] = on_device(images[idx], labels[idx])
+        if "test" in missing:
+            self.splits["test"] = on_device(*load_split(self.root, self.dataset, "test"))
+
+    def teardown(self, stage: str) -> None:
+        # Lightning calls this when fitting ends, before a test: the training split, 172 MB of float32 for
+        # MNIST, is freed, so that the test pass and its figures stay within the memory the fit peaked at
+        if stage == "fit":
+            self.splits.pop("train", None)
 
     def _batches(self, split: str, shuffle: bool, batch_size: int, steps_per_call: int | None = None) -> TensorBatches:
         x, y = self.splits[split]

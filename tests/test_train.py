@@ -119,30 +119,50 @@ def test_rerunning_a_saved_config_reproduces_its_metrics_exactly(data_root, tmp_
     assert a["environment"]["git"] == b["environment"]["git"]
 
 
-class CountsBackward(L.Callback):
-    """Listens to on_after_backward, which makes the module take Lightning's manual_backward path."""
+class RecordsPaths(L.Callback):
+    """Records which paths the module took: (plain loss.backward(), plain optimizer.step())."""
 
     def __init__(self) -> None:
-        self.calls = 0
+        self.paths = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.paths = (pl_module.plain_backward, pl_module.plain_step)
+
+
+class CountsHooks(RecordsPaths):
+    """Listens to on_after_backward and on_before_optimizer_step, which puts the module on Lightning's
+    manual_backward and optimizer-wrapper paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backward_calls = self.step_calls = 0
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.calls += 1
+        self.backward_calls += 1
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        self.step_calls += 1
 
 
-def test_steps_per_call_and_the_backward_path_leave_the_same_weights(data_root, tmp_path):
-    """One optimiser step per Lightning batch, three per batch with plain loss.backward(), and three
-    per batch through manual_backward (a callback listens to its hook): the same 2 epochs of 20 steps."""
+def test_steps_per_call_and_the_lightning_paths_leave_the_same_weights(data_root, tmp_path):
+    """One optimiser step per Lightning batch, three per batch with plain loss.backward() and
+    optimizer.step(), and three per batch through manual_backward and Lightning's optimizer wrapper
+    (a callback listens to their hooks): the same 2 epochs of 20 steps, the same step count."""
     full_epochs = ["trainer.limit_train_batches=1.0", "trainer.max_epochs=2", "seed=4"]
     runs = {}
-    for name, steps_per_call, listener in (("one", 1, None), ("plain", 3, None), ("hooked", 3, CountsBackward())):
+    for name, steps_per_call, hooks in (("one", 1, RecordsPaths()), ("plain", 3, RecordsPaths()),
+                                        ("hooked", 3, CountsHooks())):
         cfg = compose_config([*full_epochs, f"data.steps_per_call={steps_per_call}"], tmp_path / name, data_root)
-        record = run(cfg, extra_callbacks=[listener] if listener else [])
+        record = run(cfg, extra_callbacks=[hooks])
         assert record["status"] == "ok"
         checkpoint = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
         assert checkpoint["global_step"] == 40  # 1000 training images / 50 a step, 2 epochs
+        if isinstance(hooks, CountsHooks):
+            assert hooks.paths == (False, False)
+            assert hooks.backward_calls == hooks.step_calls == 40  # the hooks ran at every step
+        else:
+            assert hooks.paths == (True, True)
         runs[name] = record, checkpoint["state_dict"]
-        if listener is not None:
-            assert listener.calls == 40  # the hook ran at every step
     (one, one_weights), (plain, plain_weights), (hooked, hooked_weights) = runs.values()
     for weights in (plain_weights, hooked_weights):
         assert weights.keys() == one_weights.keys()

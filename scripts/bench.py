@@ -3,7 +3,7 @@
     python scripts/bench.py                                # MLP, MNIST, batch 200, CPU, 3 rounds, 10 epochs
     python scripts/bench.py --batch-size 64                # the same at batch 64
     python scripts/bench.py --dataset fashion_mnist --model softmax_regression --device cuda
-    python scripts/bench.py --quick                        # CI: 1 round of 2 epochs of 20 batches
+    python scripts/bench.py --quick                        # CI: 1 round of 2 epochs of 32 batches
 
 Three variants train the same model (same init, same SGD and cosine schedule from conf/, same
 batch size, same torch threads) on the same data, and evaluate on val after every epoch and on

@@ -145,8 +145,7 @@ class Classifier(L.LightningModule):
             else:
                 self.manual_backward(loss)
             if self.plain_step:
-                if self.gradient_clip_val is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+                self.on_before_optimizer_step(optimizer)  # what the wrapper would call here: the clipping
                 optimizer.optimizer.step()
                 progress.increment_ready()
                 progress.increment_completed()
@@ -195,6 +194,7 @@ class Classifier(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # Here, not between backward and step in training_step: 16-mixed unscales the gradients inside
         # optimizer.step(), just before this hook, and clipping scaled gradients would clip the wrong norm.
+        # Lightning's optimizer wrapper calls it; the plain step (full precision) calls it itself.
         if self.gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from functools import cache
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
+@cache  # the backend is chosen once
 def pyplot() -> ModuleType:
     """matplotlib.pyplot on the Agg backend (files and TensorBoard only; never a window).
 

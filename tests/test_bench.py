@@ -34,7 +34,7 @@ def test_quick_bench_runs_every_variant_prints_the_table_and_writes_json(data_ro
 
     record = json.loads(out.read_text())
     settings = record["settings"]
-    assert settings["quick"] is True and settings["epochs"] == 2 and settings["limit_batches"] == 32
+    assert settings["quick"] is True and settings["epochs"] == 2 and settings["limit_batches"] == 64
     assert settings["batch_size"] == 50 and settings["rounds"] == 1 and settings["threads"] == 1
     assert list(record["variants"]) == VARIANTS
     for variant, summary in record["variants"].items():

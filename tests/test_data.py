@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torchvision import datasets
 
 from mlplab.data import (
@@ -25,6 +26,7 @@ from mlplab.data import (
     DataError,
     EpochShard,
     ImageClassificationData,
+    StepBatches,
     TensorBatches,
     load_split,
 )
@@ -111,8 +113,8 @@ def image_ids(x: torch.Tensor, dataset: str = "mnist", normalized: bool = True) 
 
 
 def steps(loader: TensorBatches) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (x, y) batches a loader serves, in order; a training loader's lists of them flattened."""
-    return [batch for item in loader for batch in (item if isinstance(item, list) else [item])]
+    """The (x, y) batches a loader serves, in order; a training loader's groups of them flattened."""
+    return [batch for item in loader for batch in (item if isinstance(item, StepBatches) else [item])]
 
 
 def epoch_ids(loader: TensorBatches) -> list[int]:
@@ -290,6 +292,20 @@ def test_steps_per_call_groups_the_same_batches(root, steps_per_call):
     assert all(len(g) == steps_per_call for g in groups[:-1]) and 1 <= len(groups[-1]) <= steps_per_call
     for (xa, ya), (xb, yb) in zip(steps(one.train_dataloader()), steps(loader), strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_a_group_is_gathered_anew_each_time_and_passes_lightnings_batch_transfer_as_it_is(root):
+    """A callback may read a group before training_step does; Lightning must not copy it into a list."""
+    dm = make_dm(root, batch_size=32, steps_per_call=3)
+    dm.setup()
+    group = next(iter(dm.train_dataloader()))
+    assert isinstance(group, StepBatches) and len(group) == 3
+    first, again = list(group), list(group)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
+    x, y = dm.splits["train"]
+    rows = group.rows[1]
+    assert torch.equal(first[1][0], x[rows]) and torch.equal(first[1][1], y[rows])
+    assert move_data_to_device(group, torch.device("cpu")) is group
 
 
 @pytest.mark.parametrize(("n", "batch_size"), [(10, 3), (10, 5), (10, 10), (10, 11), (1, 4)])

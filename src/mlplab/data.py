@@ -14,7 +14,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import lightning as L
 import torch
@@ -202,21 +202,59 @@ class EpochShard:
         return self.n // self.world_size if self.shuffle else len(self.indices())
 
 
+def gather(x: Tensor, y: Tensor, rows: Tensor | slice) -> tuple[Tensor, Tensor]:
+    """(x[rows] (B, D), y[rows] (B,)): views for a slice, else one index_select each.
+
+    index_select, not x[rows]: with advanced indexing, a plain-PyTorch epoch of the 784-200-200-10
+    MLP at batch 200 took 404 ms against 381 ms (2-core CPU). scripts/bench.py's floor gathers the
+    same way.
+    """
+    if isinstance(rows, slice):
+        return x[rows], y[rows]
+    return x.index_select(0, rows), y.index_select(0, rows)
+
+
+class StepBatches:
+    """The (x (B, D), y (B,)) batches of one training_step call, each gathered as iteration reaches it.
+
+    Gathered one at a time, a batch is still in cache when its step reads it, and only one is held:
+    64 batches of 200 images gathered up front are 40 MB, and a plain-PyTorch epoch that gathered
+    them so took 423 ms against 381 ms (2-core CPU). Lightning hands the object to training_step
+    as it is: it has no `.to()` and holds no tensors in a list or tuple, so batch_to_device neither
+    moves nor walks it (the tensors are already on the training device).
+
+    Args:
+        x: (N, D) inputs of the whole split, on the training device.
+        y: (N,) labels, on the same device.
+        rows: one index tensor (on that device) or slice per batch.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, rows: Sequence[Tensor | slice]) -> None:
+        self.x, self.y, self.rows = x, y, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for rows in self.rows:
+            yield gather(self.x, self.y, rows)
+
+
 class TensorBatches:
     """Serves (x, y) batches of device-resident tensors in the order an `EpochShard` gives.
 
-    With `steps_per_call=k` it serves lists of up to k consecutive batches instead, one list per
-    Lightning batch: the training module takes one optimiser step per batch of the list, so that
-    Lightning's per-batch work (hooks, progress, logging: ~0.5 ms on a 2-core CPU, half a plain step
-    at batch 64) is paid once per k steps, as Keras's `steps_per_execution` does. Only the last
-    list of an epoch is shorter, and only its last batch may be smaller.
+    With `steps_per_call=k` it serves `StepBatches` of up to k consecutive batches instead, one per
+    Lightning batch: the training module takes one optimiser step per batch, so that Lightning's
+    per-batch work (fetching, hooks, progress, logging: ~1 ms on a 2-core CPU, a plain step at batch
+    64) is paid once per k steps, as Keras's `steps_per_execution` does. Only the last group of an
+    epoch is shorter, and only its last batch may be smaller.
 
     Args:
         x: (N, D) float inputs, already normalised and on the training device.
         y: (N,) int64 labels, on the same device.
         batch_size: samples per batch (per optimiser step) on this rank.
         sampler: which indices this rank visits; its `set_epoch` is called by Lightning.
-        steps_per_call: None serves each batch as (x, y); k >= 1 serves lists of up to k of them.
+        steps_per_call: None serves each batch as (x, y); k >= 1 serves groups of up to k of them.
     """
 
     batch_sampler = None  # Lightning reads DataLoader's two sampler attributes; batching is done here
@@ -230,19 +268,20 @@ class TensorBatches:
         batches = math.ceil(len(self.sampler) / self.batch_size)
         return batches if self.steps_per_call is None else math.ceil(batches / self.steps_per_call)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor] | StepBatches]:
         idx = self.sampler.indices()
-        size = self.batch_size * (self.steps_per_call or 1)  # samples served at a time
-        if not self.sampler.shuffle:  # a contiguous block: views, no gather
-            lo, hi = int(idx[0]) if len(idx) else 0, int(idx[-1]) + 1 if len(idx) else 0
-            chunks = ((self.x[i:min(i + size, hi)], self.y[i:min(i + size, hi)]) for i in range(lo, hi, size))
+        if self.sampler.shuffle:
+            # views of one (n,) tensor; split() would give an empty one for an empty shard
+            rows = idx.to(self.x.device).split(self.batch_size) if len(idx) else ()
+        else:  # a contiguous block: slices, served as views
+            lo, hi = (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)
+            rows = [slice(i, min(i + self.batch_size, hi)) for i in range(lo, hi, self.batch_size)]
+        if self.steps_per_call is None:
+            for batch_rows in rows:
+                yield gather(self.x, self.y, batch_rows)
         else:
-            idx = idx.to(self.x.device)
-            # one gather per call, then views: (k * B, D) -> k x (B, D)
-            chunks = ((self.x[j], self.y[j]) for j in (idx[i:i + size] for i in range(0, len(idx), size)))
-        for x, y in chunks:
-            yield (x, y) if self.steps_per_call is None else list(zip(x.split(self.batch_size),
-                                                                      y.split(self.batch_size)))
+            for i in range(0, len(rows), self.steps_per_call):
+                yield StepBatches(self.x, self.y, rows[i:i + self.steps_per_call])
 
 
 # The splits each Lightning stage reads (setup's `stage`)
@@ -263,7 +302,7 @@ class ImageClassificationData(L.LightningDataModule):
         normalize: standardise pixels with the dataset's mean/std; if false, pixels stay in [0, 1].
         eval_batch_size: samples per validation/test batch (memory only; metrics don't depend on it).
         steps_per_call: training batches per Lightning batch (per training_step call): the loader
-            serves lists of this many (x, y) batches, and the module steps once per batch.
+            serves groups (StepBatches) of this many (x, y) batches, and the module steps once per batch.
     """
 
     def __init__(
@@ -360,7 +399,7 @@ class ImageClassificationData(L.LightningDataModule):
         return TensorBatches(x, y, batch_size, sampler, steps_per_call)
 
     def train_dataloader(self) -> TensorBatches:
-        """Lists of up to steps_per_call (x (B, D), y (B,)) batches, B = batch_size."""
+        """StepBatches of up to steps_per_call (x (B, D), y (B,)) batches, B = batch_size."""
         return self._batches("train", shuffle=True, batch_size=self.batch_size, steps_per_call=self.steps_per_call)
 
     def val_dataloader(self) -> TensorBatches:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import partial
 
 import lightning as L
@@ -73,7 +74,7 @@ class Classifier(L.LightningModule):
     object: it accumulates on the device and is reduced over DDP ranks when computed, so no step forces a
     host sync.
 
-    Each training batch is a list of (x, y) batches, one optimiser step each (data.steps_per_call), so
+    Each training batch is a group of (x, y) batches (data.StepBatches), one optimiser step each, so
     optimisation is manual: training_step steps the optimiser, on_train_epoch_end the LR scheduler.
 
     Args:
@@ -118,8 +119,8 @@ class Classifier(L.LightningModule):
         # (B, D) -> (B, K) logits
         return self.model(x)
 
-    def training_step(self, batches: list[tuple[Tensor, Tensor]], batch_idx: int) -> None:
-        # One optimiser step per (x (B, D), y (B,)) batch of the list (data.steps_per_call of them), in
+    def training_step(self, batches: Iterable[tuple[Tensor, Tensor]], batch_idx: int) -> None:
+        # One optimiser step per (x (B, D), y (B,)) batch of the group (data.steps_per_call of them), in
         # manual optimisation. Through manual_backward and Lightning's optimizer wrapper where they have
         # work to do (DDP all-reduces the gradients in backward, 16-mixed scales the loss and unscales
         # before the step, callbacks may listen); else through loss.backward() and the torch optimizer's

@@ -270,7 +270,7 @@ def test_batch_shapes_and_the_last_partial_batch(root):
     dm = make_dm(root, batch_size=32, eval_batch_size=30)
     dm.setup()
     train = list(dm.train_dataloader())
-    assert all(len(group) == 1 for group in train)  # steps_per_call=1: lists of one batch
+    assert all(len(group) == 1 for group in train)  # steps_per_call=1: groups of one batch
     train = steps(dm.train_dataloader())
     assert [len(x) for x, _ in train] == [32] * 7 + [26]  # 250 = 7 * 32 + 26
     assert all(x.shape[1:] == (784,) and y.shape == (len(x),) for x, y in train)

@@ -34,6 +34,7 @@ TINY = [
     "data.val_size=200",
     "data.batch_size=50",
     "data.eval_batch_size=500",
+    "data.steps_per_call=8",  # several Lightning batches an epoch, as at the default 64 on the full data
 ]
 
 

@@ -311,13 +311,15 @@ def test_a_group_is_gathered_anew_each_time_and_passes_lightnings_batch_transfer
 @pytest.mark.parametrize(("n", "batch_size"), [(10, 3), (10, 5), (10, 10), (10, 11), (1, 4)])
 @pytest.mark.parametrize("shuffle", [True, False])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_len_matches_the_batches_yielded(n, batch_size, shuffle, world_size):
+@pytest.mark.parametrize("steps_per_call", [None, 2])
+def test_len_matches_the_batches_yielded(n, batch_size, shuffle, world_size, steps_per_call):
     x, y = torch.arange(n, dtype=torch.float32).unsqueeze(1), torch.arange(n)
     for rank in range(world_size):
-        batches = TensorBatches(x, y, batch_size, EpochShard(n, shuffle, seed=0, rank=rank, world_size=world_size))
-        got = list(batches)
-        assert len(batches) == len(got)
-        assert all(len(xb) <= batch_size for xb, _ in got)
+        batches = TensorBatches(x, y, batch_size, EpochShard(n, shuffle, seed=0, rank=rank, world_size=world_size),
+                                steps_per_call)
+        assert len(batches) == len(list(batches))
+        got = steps(batches)
+        assert all(0 < len(xb) <= batch_size for xb, _ in got)
         assert sum(len(xb) for xb, _ in got) == len(batches.sampler)
 
 

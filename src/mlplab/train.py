@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # Lightning warns when an epoch has fewer batches than trainer.log_every_n_steps. Here each of its batches
 # holds data.steps_per_call optimiser steps and Classifier counts log_every_n_steps in steps, so an epoch
-# of 18 batches (275 steps) still logs train/loss_step 5 times: the warning does not apply.
+# of 5 batches (275 steps) still logs train/loss_step 5 times: the warning does not apply.
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
 
 HISTORY_FILE = "history.json"
@@ -220,9 +220,11 @@ class StopRequest(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        # Reading the answer waits for the device: on a GPU only every log_every_n_steps batches (each
-        # data.steps_per_call steps)
-        check_every = 1 if trainer.strategy.root_device.type == "cpu" else trainer.log_every_n_steps
+        # Reading the answer waits for the device: on a GPU only about every log_every_n_steps optimiser
+        # steps, and at least once per batch (each data.steps_per_call steps; 64 > 50 by default)
+        steps_per_batch = getattr(trainer.datamodule, "steps_per_call", 1)
+        check_every = (1 if trainer.strategy.root_device.type == "cpu"
+                       else max(1, trainer.log_every_n_steps // steps_per_batch))
         if batch_idx % check_every:
             return
         asked = torch.tensor(self.requested, device=trainer.strategy.root_device)

@@ -7,9 +7,9 @@
 import atexit
 import gc
 
-# The imports below create ~500k long-lived objects (torch, Lightning, Hydra), and each full collection
-# while they load walks all those made so far: 7 of them, 0.6 s of a 2-core CPU's start-up (gc.callbacks
-# timings). Collection waits until they are loaded; then they are frozen, out of later collections' way.
+# The imports below create hundreds of thousands of long-lived objects (torch, Lightning, Hydra), and each
+# full collection while they load walks all those made so far, a visible share of start-up (README,
+# Performance). Collection waits until they are loaded; then they are frozen, out of later collections' way.
 gc.disable()
 
 import logging
@@ -20,8 +20,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mlplab.report import launcher_rank
-from mlplab.train import EXPECTED_ERRORS, run
+from mlplab.launch import launch
+from mlplab.rundir import launcher_rank
+from mlplab.train import EXPECTED_ERRORS
 
 gc.freeze()
 gc.enable()
@@ -34,7 +35,7 @@ log = logging.getLogger("mlplab")
 def main(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        record = run(cfg)
+        record = launch(cfg)
     except Exception as err:
         # run() has recorded the failure in the job's metrics.json. A sweep goes on with its
         # other jobs (the sweep report exits non-zero at the end); a single run stops here.

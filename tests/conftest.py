@@ -18,24 +18,15 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mlplab.data import DATASETS, IDX_FILES
+from mlplab.data import DATASETS
+from mlplab.idx import IDX_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 TRAIN_PY = ROOT / "train.py"
 
-# Tiny settings for any run: the CPU, a few batches, no progress bar.
-TINY = [
-    "trainer=cpu",
-    "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=4",
-    "+trainer.limit_val_batches=1",
-    "trainer.enable_progress_bar=false",
-    "data.val_size=200",
-    "data.batch_size=50",
-    "data.eval_batch_size=500",
-    "data.steps_per_call=8",  # several Lightning batches an epoch, as at the default 64 on the full data
-]
+# Tiny settings for any run: the CPU and conf/debug/tiny.yaml (one epoch of small batches, no progress bar).
+TINY = ["trainer=cpu", "debug=tiny"]
 
 
 def write_idx_dataset(root: Path, folder: str, n_train: int = 1200, n_test: int = 400, seed: int = 0) -> None:

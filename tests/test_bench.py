@@ -10,7 +10,7 @@ import sys
 from conftest import ROOT
 
 BENCH = ROOT / "scripts" / "bench.py"
-VARIANTS = ["floor", "kit", "classic"]
+VARIANTS = ["floor", "kit", "textbook", "classic"]
 PER_VARIANT = ("epoch_s", "epoch_cpu_s", "first_step_s", "wall_s", "cpu_s", "peak_rss_mb", "val_s", "test_s",
                "figures_s", "test_acc")
 
@@ -26,8 +26,9 @@ def test_quick_bench_runs_every_variant_prints_the_table_and_writes_json(data_ro
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("variant"))
     assert lines[header].split()[1:3] == ["epoch", "s"]
-    assert [line.split()[0] for line in lines[header + 1:header + 4]] == VARIANTS  # one row each, in order
-    for name in ("kit/floor epoch", "kit/floor val", "kit/floor test", "classic/kit epoch", "kit first step s",
+    assert [line.split()[0] for line in lines[header + 1:header + 5]] == VARIANTS  # one row each, in order
+    for name in ("kit/floor epoch", "kit/floor val", "kit/floor test", "textbook/floor epoch", "classic/kit epoch",
+                 "kit first step s",
                  "kit wall s", "kit peak RSS MB"):
         assert any(line.startswith(name) for line in lines), name
     assert f"wrote {out}" in result.stdout
@@ -40,14 +41,15 @@ def test_quick_bench_runs_every_variant_prints_the_table_and_writes_json(data_ro
     for variant, summary in record["variants"].items():
         assert set(summary) == set(PER_VARIANT), variant
         for key, value in summary.items():
-            if key == "figures_s" and variant != "kit":  # only the kit draws figures
+            if key == "figures_s" and variant not in ("kit", "textbook"):  # only the kit draws figures
                 assert value is None
             else:
                 assert isinstance(value, float) and value >= 0, (variant, key, value)
         assert summary["first_step_s"] < summary["wall_s"]
         assert 0 <= summary["test_acc"] <= 1
     assert set(record["ratios"]) == {"kit/floor epoch", "kit/floor epoch cpu", "kit/floor val", "kit/floor test",
-                                     "kit/floor wall", "classic/kit epoch", "classic/kit wall"}
+                                     "kit/floor wall", "textbook/floor epoch", "textbook/floor wall",
+                                     "classic/kit epoch", "classic/kit wall"}
     assert all(value > 0 for value in record["ratios"].values())
 
     runs = record["runs"]
@@ -55,4 +57,4 @@ def test_quick_bench_runs_every_variant_prints_the_table_and_writes_json(data_ro
     for run in runs:
         assert run["returncode"] == 0
         assert len(run["epoch_s"]) == len(run["epoch_cpu_s"]) == len(run["val_s"]) == 2  # a val pass per epoch
-    assert runs[1]["figures_s"] > 0  # the kit ran its real test path: figures to TensorBoard, metrics.json
+    assert runs[1]["figures_s"] > 0 and runs[2]["figures_s"] > 0  # the kit's real test path: figures, metrics.json

@@ -20,16 +20,9 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torchvision import datasets
 
-from mlplab.data import (
-    DATASETS,
-    IDX_FILES,
-    DataError,
-    EpochShard,
-    ImageClassificationData,
-    StepBatches,
-    TensorBatches,
-    load_split,
-)
+from mlplab.batching import EpochShard, StepBatches, TensorBatches
+from mlplab.data import DATASETS, ImageClassificationData
+from mlplab.idx import IDX_FILES, DataError, load_split
 
 N_TRAIN, N_TEST = 300, 100
 TRAIN_IMAGES, TRAIN_LABELS = IDX_FILES["train"]["images"], IDX_FILES["train"]["labels"]
@@ -126,7 +119,7 @@ def epoch_ids(loader: TensorBatches) -> list[int]:
 
 def test_load_split_reads_the_files(root):
     for split, (images, labels) in {"train": (TRAIN_X, TRAIN_Y), "test": (TEST_X, TEST_Y)}.items():
-        x, y = load_split(root, "mnist", split)
+        x, y = load_split(root, DATASETS["mnist"], split)
         assert x.dtype == torch.uint8 and x.shape == (len(images), 28, 28)
         assert y.dtype == torch.int64 and y.shape == (len(images),)
         assert torch.equal(x, torch.from_numpy(images))
@@ -270,7 +263,7 @@ def test_batch_shapes_and_the_last_partial_batch(root):
     dm = make_dm(root, batch_size=32, eval_batch_size=30)
     dm.setup()
     train = list(dm.train_dataloader())
-    assert all(len(group) == 1 for group in train)  # steps_per_call=1: groups of one batch
+    assert all(isinstance(batch, tuple) for batch in train)  # steps_per_call=1: plain (x, y) batches
     train = steps(dm.train_dataloader())
     assert [len(x) for x, _ in train] == [32] * 7 + [26]  # 250 = 7 * 32 + 26
     assert all(x.shape[1:] == (784,) and y.shape == (len(x),) for x, y in train)

@@ -25,7 +25,8 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from conftest import TINY, TRAIN_PY, compose_config, read_json, run_cli
 from mlplab.evaluate import evaluate, load_checkpoint, predict
-from mlplab.train import ddp_strategy, ranks_to_start, run
+from mlplab.launch import ddp_strategy, ranks_to_start
+from mlplab.train import run
 
 TESTS = Path(__file__).resolve().parent
 DDP = ["trainer=ddp_cpu"]  # after TINY's trainer=cpu: the later choice wins

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from mlplab.data import ImageClassificationData
-from mlplab.train import build_model
+from mlplab.config import build_model
 
 
 def load_checkpoint(path: str | Path, data_root: str | None = None

@@ -34,9 +34,8 @@ from omegaconf import DictConfig
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mlplab.data import unwritable
+from mlplab.rundir import METRICS_FILE, writable_dir_error
 
-METRICS_FILE = "metrics.json"
 PACKAGES = ("mlplab", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "torchmetrics", "tensorboard",
             "numpy")
 
@@ -62,14 +61,6 @@ def environment() -> dict[str, Any]:
         pass  # no git here: the versions still say what ran
     return {"python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname(),
             "argv": sys.argv, "packages": versions, "git": git}
-
-
-def writable_dir_error(path: str | Path) -> str | None:
-    """Why `path` cannot be made into a writable folder, or None if it can (it is then created)."""
-    if (err := unwritable(Path(path))) is not None:
-        return (f"output folder {str(path)!r} is not writable ({err.strerror}). Run from a folder you can write "
-                "to, or choose another with hydra.run.dir=/writable/path (hydra.sweep.dir=... with -m).")
-    return None
 
 
 class OutputDirCheck(Callback):

@@ -49,11 +49,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mlplab.rundir import METRICS_FILE, launcher_rank
+
 log = logging.getLogger(__name__)
 
-# The name record.METRICS_FILE gives it. Not imported: mlplab.record imports Lightning, which
-# takes seconds to load, and this module only reads JSON.
-METRICS_FILE = "metrics.json"
 CSV_FILE, MARKDOWN_FILE, PLOT_FILE = "summary.csv", "summary.md", "summary.png"
 RANK_BY = "val/acc"
 HEADLINE = (RANK_BY, "test/acc", "test/loss")  # the table's metric columns
@@ -420,11 +419,6 @@ def write_report(summary: Summary) -> list[Path]:
     paths[1].write_text(format_markdown(summary))
     plot(summary, paths[2])
     return paths
-
-
-def launcher_rank() -> int:
-    """This process's global rank as torchrun (RANK) or srun (SLURM_PROCID) set it; 0 when started alone."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 class SweepReport(Callback):

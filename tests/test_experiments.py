@@ -72,10 +72,11 @@ def test_test_figures_and_histograms_reach_tensorboard_and_render_to_png(data_ro
     for name in TEST_FIGURES:
         image = events.Images(f"figures/test_{name}")[-1]
         assert image.encoded_image_string.startswith(PNG_SIGNATURE) and image.width > 100 and image.height > 100
-    for kind in ("weights", "grads"):  # one histogram per parameter per epoch
+    for kind, steps in (("weights", 3), ("grads", 2)):  # one histogram per parameter per epoch; weights at step 0 too
         layer_tags = [t for t in tags["histograms"] if t.startswith(f"{kind}/model.")]
         assert len(layer_tags) == 6, layer_tags  # 3 Linear layers x (weight, bias)
-        assert all(len(events.Histograms(t)) == 2 for t in layer_tags)
+        assert all(len(events.Histograms(t)) == steps for t in layer_tags)
+        assert (events.Histograms(layer_tags[0])[0].step == 0) == (kind == "weights")
 
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_figures.py"), str(run_dir),
                              "--data-root", str(data_root)], capture_output=True, text=True, timeout=120)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import CONF, TINY, compose_config, read_json, run_cli
 from mlplab.evaluate import evaluate
@@ -77,35 +74,6 @@ def test_multirun_leaves_one_job_dir_per_value_and_a_report(data_root, tmp_path)
         assert read_json(sweep / job / "metrics.json")["status"] == "ok"
     assert (sweep / "summary.md").is_file() and (sweep / "summary.png").is_file()
     assert not (tmp_path / "outputs").exists()  # nothing strays outside the sweep dir
-
-
-def hparams_session(run_dir: Path) -> tuple[dict, dict[str, float]]:
-    """(hyperparameters, last value of each metric column) as TensorBoard's HParams tab reads them."""
-    acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0, "scalars": 0})
-    acc.Reload()
-    content = acc.PluginTagToContent("hparams")
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    params = {k: v.string_value or v.number_value or v.bool_value for k, v in start.hparams.items()}
-    columns = [m.name.tag for m in experiment.metric_infos]
-    return params, {tag: acc.Scalars(tag)[-1].value for tag in columns}
-
-
-def test_hparams_tab_has_swept_values_and_final_metrics(data_root, tmp_path):
-    sweep = tmp_path / "sweep"
-    result = run_cli(["-m", *TINY, "activation=relu,tanh", "optimizer.lr=0.05", f"hydra.sweep.dir={sweep}"],
-                     data_root, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    for job, activation in zip(sorted(p for p in sweep.iterdir() if p.is_dir()), ("relu", "tanh")):
-        params, metrics = hparams_session(job)
-        assert params["choice/activation"] == activation
-        assert params["optimizer/lr"] == pytest.approx(0.05)
-        assert params["model/hidden_sizes"] == "[200, 200]"  # readable, resolved values
-        assert not any("${" in str(v) for v in params.values())
-        record = read_json(job / "metrics.json")
-        assert set(metrics) == {"val/acc", "test/acc", "test/loss"}
-        for tag, value in metrics.items():
-            assert value == pytest.approx(record["metrics"][tag], rel=1e-6), tag
 
 
 def test_rerunning_a_saved_config_reproduces_its_metrics_exactly(data_root, tmp_path):

@@ -256,10 +256,6 @@ class FastPathClassifier(Classifier):
     def on_validation_epoch_end(self) -> None:
         self.log_step()
 
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        self.log_step()
-
     def log_step(self) -> None:
         """Logs "step" = global_step with a stage's epoch values, which Lightning then uses as their x in
         TensorBoard (its default, the count of its batches, is not the step count when a batch holds

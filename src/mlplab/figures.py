@@ -123,7 +123,8 @@ def test_figures(images: Tensor, logits: Tensor, targets: Tensor, classes: tuple
 
 
 class TestFigures(L.Callback):
-    """Logs the test figures to TensorBoard (tags figures/test_<name>) at the end of testing.
+    """Logs the test figures to TensorBoard (tags figures/test_<name>) at the end of testing, at the step of the
+    weights tested (Classifier.tested_step), as the test scalars.
 
     Under DDP each rank holds its own shard of the test set; the figures show rank 0's shard.
 
@@ -152,7 +153,7 @@ class TestFigures(L.Callback):
         images = torch.cat(self.inputs).reshape(-1, *self.image_shape)
         classes = trainer.datamodule.classes
         for name, fig in test_figures(images, torch.cat(self.logits), torch.cat(self.targets), classes).items():
-            trainer.logger.experiment.add_figure(f"figures/test_{name}", fig, global_step=trainer.global_step)
+            trainer.logger.experiment.add_figure(f"figures/test_{name}", fig, global_step=pl_module.tested_step())
         self.inputs, self.logits, self.targets = [], [], []
 
 
@@ -177,6 +178,7 @@ class ParameterHistograms(L.Callback):
     """Logs per-layer weight and gradient histograms (weights/<param>, grads/<param>) after the last
     training batch of every n-th epoch: the weights after its last step, the gradients of that step
     (the module zeroes them when the next step begins; Lightning frees them when validation starts).
+    A run that starts from scratch also logs its initial weights, at step 0.
 
     Args:
         every_n_epochs: log in every n-th training epoch.
@@ -184,6 +186,11 @@ class ParameterHistograms(L.Callback):
 
     def __init__(self, every_n_epochs: int = 1) -> None:
         self.every_n_epochs = every_n_epochs
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0 and trainer.is_global_zero and trainer.logger is not None:  # not on a resume
+            for name, param in pl_module.named_parameters():
+                add_histogram(trainer.logger.experiment, f"weights/{name}", param, 0)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:

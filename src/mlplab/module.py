@@ -27,8 +27,9 @@ class Classifier(L.LightningModule):
 
     Logged: train/loss_step (every trainer.log_every_n_steps optimiser steps), train/loss, train/acc, val/loss,
     val/acc, val/entropy_bits (mean predictive entropy of softmax outputs, in bits), test/loss, test/acc, and
-    test/acc_class_<i> per class. Every epoch metric is a torchmetrics object: it accumulates on the device
-    and is reduced over DDP ranks when computed, so no step forces a host sync.
+    test/acc_class_<class name> per class, the test's at the step of the weights tested (tested_step). Every
+    epoch metric is a torchmetrics object: it accumulates on the device and is reduced over DDP ranks when
+    computed, so no step forces a host sync.
 
     Args:
         model: maps (B, D) inputs to (B, K) logits.
@@ -117,9 +118,16 @@ class Classifier(L.LightningModule):
         return {"logits": logits.detach()}  # read by the figure callback
 
     def on_test_epoch_end(self) -> None:
-        for i, acc in enumerate(self.test_class_acc.compute()):
-            self.log(f"test/acc_class_{i}", acc, sync_dist=True)  # equal on all ranks already; quiets Lightning
+        for name, acc in zip(self.trainer.datamodule.classes, self.test_class_acc.compute()):
+            self.log(f"test/acc_class_{name}", acc, sync_dist=True)  # equal on all ranks already; quiets Lightning
         self.test_class_acc.reset()
+        # "step" is the x Lightning gives the stage's values in TensorBoard: the tested checkpoint's, not the last
+        self.log("step", float(self.tested_step()), on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
+
+    def tested_step(self) -> int:
+        """The optimiser step of the weights under test: the loaded checkpoint's in trainer.test(ckpt_path=...)
+        (best.ckpt, not the run's last step), else the current one."""
+        return self.checkpoint_step if self.trainer.ckpt_path else self.global_step
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
@@ -132,5 +140,6 @@ class Classifier(L.LightningModule):
         checkpoint["rng_state"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.checkpoint_step = checkpoint["global_step"]  # see tested_step
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"])

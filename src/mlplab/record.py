@@ -114,7 +114,7 @@ class EpochHistory(L.Callback):
         self.rows: list[dict[str, float | int | None]] = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        row: dict[str, float | int | None] = {"epoch": trainer.current_epoch}
+        row: dict[str, float | int | None] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         for name, value in trainer.callback_metrics.items():
             if not name.endswith("_step"):
                 row[name.removesuffix("_epoch")] = _finite_or_none(float(value))

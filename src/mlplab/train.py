@@ -15,19 +15,16 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard.summary import hparams
 
 from mlplab.config import (ConfigError, build, build_callbacks, build_logger, build_module, build_trainer, check_config,
                            threads_for_job)
+from mlplab.hparams import hparams_of, log_session
 from mlplab.idx import DataError
 from mlplab.module import DivergenceError
 from mlplab.record import ConfigInCheckpoint, EpochHistory, environment, read_history, write_metrics
 from mlplab.rundir import HISTORY_FILE, RESOLVED_CONFIG_FILE
-
-HPARAM_METRICS = ("val/acc", "test/acc", "test/loss")  # the HParams tab's metric columns
 
 # Errors whose message already says what to do: printed as one line, without a traceback.
 EXPECTED_ERRORS = (ConfigError, DataError, DivergenceError)
@@ -40,38 +37,6 @@ def hydra_job_info() -> dict[str, Any]:
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/") and v is not None}
     return {"choices": choices, "overrides": list(hc.overrides.task)}
-
-
-def hparams_of(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
-    """The resolved config flattened to 'a/b' -> scalar, plus the group choices, for HParams."""
-    flat: dict[str, Any] = {f"choice/{k}": v for k, v in choices.items()}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}/{k}" if prefix else str(k))
-        elif isinstance(node, (bool, int, float, str)):
-            flat[prefix] = node
-        else:  # lists and nulls become readable strings
-            flat[prefix] = str(node)
-
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    walk({k: v for k, v in resolved.items() if k not in ("output_dir", "callbacks", "logger")}, "")
-    return flat
-
-
-def log_hparams(logger: L.pytorch.loggers.TensorBoardLogger, params: dict[str, Any]) -> None:
-    """Writes one HParams session whose metric columns read the scalars already logged.
-
-    Lightning's `log_hyperparams(params, metrics)` would log the metric values again at step 0,
-    which puts the final val/acc at the start of its curve; torch's `hparams()` summary names
-    the metric tags only, and TensorBoard reads each one's last logged value.
-    """
-    experiment, session_start, session_end = hparams(params, {name: 0.0 for name in HPARAM_METRICS})
-    writer = logger.experiment._get_file_writer()  # SummaryWriter has no public call for this summary
-    for summary in (experiment, session_start, session_end):
-        writer.add_summary(summary)
-    logger.experiment.flush()
 
 
 def interrupted_message(out: Path, signal_name: str) -> str:
@@ -137,11 +102,10 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics = epoch_metrics(trainer)
         record["metrics"].update({k: v for k, v in metrics.items() if not k.startswith("test/acc_class_")})
-        record["per_class_test_acc"] = {name: metrics[f"test/acc_class_{i}"]
-                                        for i, name in enumerate(datamodule.classes)}
+        record["per_class_test_acc"] = {name: metrics[f"test/acc_class_{name}"] for name in datamodule.classes}
         record["status"] = "ok"
-        if trainer.is_global_zero and isinstance(logger, TensorBoardLogger):
-            log_hparams(logger, hparams_of(cfg, record["choices"]))
+        if trainer.is_global_zero:
+            log_session(trainer, hparams_of(cfg, record["choices"]), record["metrics"])
         return record
     except SIGTERMException as err:  # Lightning raises it at the next step after SIGTERM
         record["status"], record["error"] = "interrupted", "SIGTERM"

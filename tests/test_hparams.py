@@ -59,7 +59,8 @@ class TensorBoard:
         return self.post("/data/plugin/hparams/session_groups", body).get("sessionGroups", [])
 
     def wait_for_sessions(self, n: int, timeout: float = 90) -> list[dict]:
-        """The session groups once n of them have all their metric values (TensorBoard loads in the background)."""
+        """The session groups once n of them are read to their end (TensorBoard loads in the background; a
+        session's end info is the last event of its file)."""
         deadline = time.monotonic() + timeout
         groups: list[dict] = []
         while time.monotonic() < deadline:
@@ -68,10 +69,10 @@ class TensorBoard:
                 groups = self.session_groups()
             except OSError:  # not listening yet
                 groups = []
-            if len(groups) == n and all(len(g.get("metricValues", [])) == 4 for g in groups):
+            if len(groups) == n and all(s["status"] != "STATUS_UNKNOWN" for g in groups for s in g["sessions"]):
                 return groups
             time.sleep(0.5)
-        raise AssertionError(f"TensorBoard served {len(groups)} complete session groups, not {n}, in {timeout} s")
+        raise AssertionError(f"TensorBoard served {len(groups)} session groups, not {n} read to their end, in {timeout} s")
 
     def close(self) -> None:
         self.process.terminate()

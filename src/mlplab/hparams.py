@@ -46,7 +46,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.plugins.hparams.summary_v2 import hparams_pb
-from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import scalar
+from torch.utils.tensorboard.writer import FileWriter
 
 from mlplab.record import EpochHistory
 
@@ -135,12 +136,16 @@ def log_session(trainer: L.Trainer, params: dict[str, bool | float | str], metri
     if not isinstance(trainer.logger, TensorBoardLogger):
         return
     step, columns = tested_metrics(trainer, metrics)
-    with SummaryWriter(log_dir=str(Path(trainer.logger.log_dir) / SESSION_DIR)) as writer:
-        writer.file_writer.add_summary(hparams_pb(params, trial_id=""))  # "": the group is the session itself
-        for name, value in columns.items():
-            writer.add_scalar(name, value, step)
-        end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
-        summary = Summary()
-        summary.value.add(tag=metadata.SESSION_END_INFO_TAG, tensor=metadata.NULL_TENSOR,
-                          metadata=metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(session_end_info=end)))
-        writer.file_writer.add_summary(summary)
+    # tensorboard.plugins.hparams.summary.session_end_pb imports TensorFlow: the same summary, built the way
+    # summary_v2.hparams_pb builds the start info
+    end = Summary()
+    end.value.add(tag=metadata.SESSION_END_INFO_TAG, tensor=metadata.NULL_TENSOR,
+                  metadata=metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(
+                      session_end_info=plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS,
+                                                                      end_time_secs=time.time()))))
+    writer = FileWriter(str(Path(trainer.logger.log_dir) / SESSION_DIR))
+    writer.add_summary(hparams_pb(params, trial_id=""))  # "": the session is a group of its own, named by its folder
+    for name, value in columns.items():
+        writer.add_summary(scalar(name, value), step)
+    writer.add_summary(end)
+    writer.close()

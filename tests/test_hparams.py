@@ -1,9 +1,10 @@
 """The HParams tab and the scalars beside it, read back the way a user's browser reads them: from a real
 `tensorboard` server on 127.0.0.1, over its HTTP API (experiment, session groups, scalars, histograms, images).
 
-One sweep `-m data=fashion_mnist activation=relu,softplus seed=0,1` (2 epochs each) and one single run
-with another learning rate, on the synthetic data of conftest.py; TensorBoard is started on the sweep alone
-and on the folder holding both (as `tensorboard --logdir outputs`).
+One sweep `-m data=fashion_mnist activation=relu,softplus seed=0,1` (2 epochs each, the fast path) and one
+single run with another learning rate on the textbook path (data.steps_per_call=1), on the synthetic data of
+conftest.py; TensorBoard is started on the sweep alone and on the folder holding both (as
+`tensorboard --logdir outputs`).
 """
 
 from __future__ import annotations
@@ -81,16 +82,16 @@ class TensorBoard:
 
 @pytest.fixture(scope="module")
 def outputs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """outputs/multirun/sweep (4 jobs) and outputs/runs/single (relu, seed 0, optimizer.lr=0.1), as train.py
-    leaves them."""
+    """outputs/multirun/sweep (4 jobs) and outputs/runs/single (relu, seed 0, optimizer.lr=0.1, the textbook
+    path), as train.py leaves them."""
     outputs = tmp_path_factory.mktemp("outputs")
     sweep = outputs / "multirun" / "sweep"
     result = run_cli(["-m", *TINY, *SWEEP, f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"],
                      data_root, cwd=outputs)
     assert result.returncode == 0, result.stderr
     single = outputs / "runs" / "single"
-    result = run_cli([*TINY, "data=fashion_mnist", "trainer.max_epochs=2", "optimizer.lr=0.1", f"hydra.run.dir={single}"],
-                     data_root, cwd=outputs)
+    result = run_cli([*TINY, "data=fashion_mnist", "trainer.max_epochs=2", "optimizer.lr=0.1", "data.steps_per_call=1",
+                      f"hydra.run.dir={single}"], data_root, cwd=outputs)
     assert result.returncode == 0, result.stderr
     return outputs
 
@@ -183,15 +184,27 @@ def test_one_experiment_over_a_folder_of_sweeps_and_runs(outputs, sweep_board):
     try:
         groups = board.wait_for_sessions(5)
         columns = hparam_columns(board)
+        test_scalars = board.get("/data/plugin/scalars/scalars", run="runs/single", tag="test/acc")
     finally:
         board.close()
     # the union of every session under the folder; what differs anywhere in it leads
-    assert [c["name"] for c in columns if c.get("differs")] == ["activation", "optimizer/lr", "seed"]
-    assert [c["name"] for c in columns][:3] == ["activation", "optimizer/lr", "seed"]
-    rows = {g["sessions"][0]["name"]: g["hparams"] for g in groups}
-    assert rows["runs/single/hparams"]["optimizer/lr"] == 0.1 and rows["runs/single/hparams"]["activation"] == "relu"
-    assert rows["multirun/sweep/2/hparams"]["activation/beta"] == 1.0
-    assert {rows[f"multirun/sweep/{i}/hparams"]["optimizer/lr"] for i in range(4)} == {0.05}
+    differing = ["activation", "data/steps_per_call", "optimizer/lr", "seed"]
+    assert [c["name"] for c in columns if c.get("differs")] == differing
+    assert [c["name"] for c in columns][:4] == differing
+    rows = {g["sessions"][0]["name"]: g for g in groups}
+    single = rows["runs/single/hparams"]
+    assert single["hparams"]["optimizer/lr"] == 0.1 and single["hparams"]["activation"] == "relu"
+    assert rows["multirun/sweep/2/hparams"]["hparams"]["activation/beta"] == 1.0
+    assert {rows[f"multirun/sweep/{i}/hparams"]["hparams"]["optimizer/lr"] for i in range(4)} == {0.05}
+    # the textbook path (data.steps_per_call=1) also describes the tested checkpoint at its step
+    record = read_json(outputs / "runs" / "single" / "metrics.json")
+    best = max(row["val/acc"] for row in record["history"])
+    tested = next(row for row in record["history"] if row["val/acc"] == best)
+    values = {m["name"]["tag"]: m for m in single["metricValues"]}
+    assert values["test/acc"]["value"] == pytest.approx(record["metrics"]["test/acc"], rel=1e-6)
+    assert values["val/acc_tested"]["value"] == pytest.approx(best, rel=1e-6)
+    assert {m["trainingStep"] for m in values.values()} == {tested["step"]}
+    assert [point[1] for point in test_scalars] == [tested["step"]]
 
 
 def test_hparams_of_keeps_types_and_leaves_out_plumbing_paths_and_copies(data_root, tmp_path):

@@ -5,7 +5,7 @@ metrics.json (written by global rank 0, at the end and on every failure) holds:
     error             one line naming what went wrong, or null
     metrics           final {"val/acc", "val/loss", "val/entropy_bits", "test/acc", "test/loss", ...}
     per_class_test_acc  {class name: accuracy}
-    history           one row per finished epoch: {"epoch", "train/loss", "train/acc", "val/acc", ...}
+    history           one row per finished epoch: {"epoch", "step" (optimiser steps done), "train/loss", "val/acc", ...}
                       (also in history.json, rewritten after every epoch while the run goes on)
     epochs            finished epochs
     wall_time_s       seconds from the start of run() to the end

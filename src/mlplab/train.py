@@ -52,7 +52,7 @@ def interrupted_message(out: Path, signal_name: str) -> str:
 
 def epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
     """trainer.callback_metrics as floats, epoch values only, named without Lightning's _epoch suffix
-    (and without "step", the x of the logged values, see FastPathClassifier.log_step)."""
+    (and without "step", the x of the logged values: FastPathClassifier.log_step, Classifier.tested_step)."""
     return {k.removesuffix("_epoch"): float(v) for k, v in trainer.callback_metrics.items()
             if not k.endswith("_step") and k != "step"}
 

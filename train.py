@@ -14,6 +14,7 @@ gc.disable()
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -21,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mlplab.launch import launch
+from mlplab.report import report_sweep
 from mlplab.rundir import launcher_rank
 from mlplab.train import EXPECTED_ERRORS
 
@@ -36,6 +38,10 @@ def main(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         record = launch(cfg)
+    except SystemExit:  # interrupted (Ctrl-C, SIGTERM): a sweep stops here, reporting the jobs that ran
+        if multirun and launcher_rank() == 0:
+            report_sweep(Path(str(HydraConfig.get().sweep.dir)))
+        raise
     except Exception as err:
         # run() has recorded the failure in the job's metrics.json. A sweep goes on with its
         # other jobs (the sweep report exits non-zero at the end); a single run stops here.

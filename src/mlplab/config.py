@@ -17,12 +17,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mlplab.atomic import AtomicCheckpointIO
 from mlplab.data import ImageClassificationData
 from mlplab.fast_path import FastPathClassifier, fast_path_refusals
 from mlplab.module import Classifier
 from mlplab.rundir import writable_dir_error
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds are uint32: Lightning's seed_everything refuses the rest with a traceback
+MONITORABLE = ("val/acc", "val/loss", "val/entropy_bits", "train/acc", "train/loss")  # Classifier's epoch metrics
 
 
 class ConfigError(ValueError):
@@ -88,8 +93,9 @@ def build_trainer(cfg: DictConfig, callbacks: Sequence[L.Callback], logger: Any)
         handed_over = {"gradient_clip_val": None, "gradient_clip_algorithm": None}
         if (limit := train_step_limit(cfg)) is not None:
             handed_over["limit_train_batches"] = math.ceil(limit / cfg.data.steps_per_call)
+    # checkpoints written atomically in their own folder, whatever filesystem it is on (mlplab.atomic)
     return build(cfg, "trainer", logger=logger, callbacks=list(callbacks), default_root_dir=cfg.output_dir,
-                 **handed_over)
+                 plugins=[AtomicCheckpointIO()], **handed_over)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -100,6 +106,21 @@ def check_config(cfg: DictConfig) -> None:
     epochs = cfg.trainer.max_epochs
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"trainer.max_epochs={epochs!r} must be an integer >= 1")
+    seed = cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"seed={seed!r} must be an integer in [0, {SEED_MAX}]")
+    threads = cfg.torch_threads
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"torch_threads={threads!r} must be an integer >= 1, or null for torch's default")
+    if cfg.monitor not in MONITORABLE:  # else ModelCheckpoint fails only at the end of the first epoch
+        raise ConfigError(f"monitor={cfg.monitor!r} is not a metric of each epoch: choose one of {list(MONITORABLE)}")
+    hidden = OmegaConf.select(cfg, "model.hidden_sizes")
+    if not isinstance(hidden, ListConfig):  # else list(None) fails in MLP with a message that names no key
+        raise ConfigError(f"model.hidden_sizes={hidden!r} must be a list of positive integers ([] for none)")
+    for key in ("step_size", "T_max"):  # else StepLR divides by zero after the first epoch
+        value = OmegaConf.select(cfg, f"scheduler.{key}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"scheduler.{key}={value!r} must be a positive integer")
     clip = cfg.trainer.gradient_clip_val
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, Real) or not clip > 0):
         raise ConfigError(f"trainer.gradient_clip_val={clip!r} must be a number > 0, or null for no clipping")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from mlplab.data import ImageClassificationData
 from mlplab.config import build_model
+from mlplab.resume import read_checkpoint
 
 
 def load_checkpoint(path: str | Path, data_root: str | None = None
@@ -27,9 +28,7 @@ def load_checkpoint(path: str | Path, data_root: str | None = None
         path: a .ckpt written by a run.
         data_root: read the data from here instead of the root the run used.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "config" not in checkpoint:
-        raise ValueError(f"{path} has no 'config' entry: it was not written by an mlplab run")
+    checkpoint = read_checkpoint(path, key="checkpoint")  # a clear ResumeError (ValueError) for a text file, a folder...
     cfg = OmegaConf.create(checkpoint["config"])
     if data_root is not None:
         cfg.data.root = data_root

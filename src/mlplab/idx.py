@@ -74,6 +74,10 @@ def ensure_split_files(root: str | Path, info: DatasetInfo, split: str) -> None:
     dataset = info.name
     raw = Path(root) / info.folder / "raw"
     files = IDX_FILES[split]
+    for name in files.values():  # else reported "not found", and a download is tried
+        if (raw / name).is_dir():
+            raise DataError(f"{raw / name} is a folder, not an IDX file. Replace it with the (uncompressed) file "
+                            f"{name}, or point data.root at a folder that has it.")
     missing = [name for name in files.values() if not (raw / name).is_file()]
     if missing:
         if (error := unwritable(raw)) is not None:
@@ -108,5 +112,12 @@ def load_split(root: str | Path, info: DatasetInfo, split: str) -> tuple[Tensor,
     for each_split in IDX_FILES:
         ensure_split_files(root, info, each_split)
     ds = info.torchvision_class(str(root), train=split == "train", download=False)
+    bad = (ds.targets < 0) | (ds.targets >= info.num_classes)  # else an IndexError mid-epoch that names no file
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        path = Path(root) / info.folder / "raw" / IDX_FILES[split]["labels"]
+        raise DataError(f"{path} holds label {int(ds.targets[i])} at item {i}, but {info.name} has "
+                        f"{info.num_classes} classes (labels 0 to {info.num_classes - 1}): the file is corrupt. "
+                        "Replace it with a fresh copy.")
     return ds.data, ds.targets
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import socket
 import subprocess
@@ -34,6 +33,7 @@ from omegaconf import DictConfig
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mlplab.atomic import write_atomically
 from mlplab.rundir import METRICS_FILE, writable_dir_error
 
 PACKAGES = ("mlplab", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "torchmetrics", "tensorboard",
@@ -88,11 +88,9 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any]:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    """Writes JSON atomically: a killed job never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    """Writes JSON atomically (mlplab.atomic): a killed job or a full disk never leaves half a file."""
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def write_metrics(run_dir: str | Path, record: dict[str, Any]) -> None:

@@ -421,6 +421,23 @@ def write_report(summary: Summary) -> list[Path]:
     return paths
 
 
+def report_sweep(sweep_dir: Path) -> Summary:
+    """Prints the table of the jobs under `sweep_dir` and writes summary.csv/md/png; returns the summary.
+
+    Called when the sweep ends, and by train.py when Ctrl-C or SIGTERM stops it: the report then holds the
+    jobs that ran, the interrupted one among them.
+    """
+    summary = summarize(sweep_dir)
+    print(format_table(summary))
+    try:
+        paths = write_report(summary)
+    except Exception:  # a broken plot must not turn a sweep with failed jobs into exit status 0
+        log.exception("could not write the sweep report into %s", sweep_dir)
+    else:
+        log.info("%s; report: %s", summary.headline, ", ".join(str(p) for p in paths))
+    return summary
+
+
 class SweepReport(Callback):
     """Reports a multirun once its last job has ended, and fails the sweep if any job did.
 
@@ -433,14 +450,7 @@ class SweepReport(Callback):
         if launcher_rank() != 0:
             return  # torchrun / srun make every rank a Hydra multirun: one report, rank 0's, after its last job
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        summary = summarize(sweep_dir)
-        print(format_table(summary))
-        try:
-            paths = write_report(summary)
-        except Exception:  # a broken plot must not turn a sweep with failed jobs into exit status 0
-            log.exception("could not write the sweep report into %s", sweep_dir)
-        else:
-            log.info("%s; report: %s", summary.headline, ", ".join(str(p) for p in paths))
+        summary = report_sweep(sweep_dir)
         if summary.unsuccessful:
             raise SystemExit(f"{len(summary.unsuccessful)} of {len(summary.jobs)} jobs failed; "
                              f"see {sweep_dir / MARKDOWN_FILE}")

@@ -22,12 +22,14 @@ from mlplab.config import (ConfigError, build, build_callbacks, build_logger, bu
                            threads_for_job)
 from mlplab.hparams import hparams_of, log_session
 from mlplab.idx import DataError
+from mlplab.atomic import WriteError
 from mlplab.module import DivergenceError
 from mlplab.record import ConfigInCheckpoint, EpochHistory, environment, read_history, write_metrics
-from mlplab.rundir import HISTORY_FILE, RESOLVED_CONFIG_FILE
+from mlplab.resume import ResumeError, RunFolder, check_resume, continue_command, record_is_worse, still_good
+from mlplab.rundir import HISTORY_FILE, RESOLVED_CONFIG_FILE, launcher_rank
 
 # Errors whose message already says what to do: printed as one line, without a traceback.
-EXPECTED_ERRORS = (ConfigError, DataError, DivergenceError)
+EXPECTED_ERRORS = (ConfigError, DataError, DivergenceError, ResumeError, WriteError)
 
 
 def hydra_job_info() -> dict[str, Any]:
@@ -46,7 +48,7 @@ def interrupted_message(out: Path, signal_name: str) -> str:
         return f"interrupted by {signal_name} before the first epoch ended: no checkpoint to resume from"
     # Into the same dir: its ModelCheckpoint then restores the best score so far (in another dir Lightning
     # keeps only the best path, and the first resumed epoch would become "best" whatever its score).
-    command = " ".join(["python train.py", *hydra_job_info()["overrides"], f"ckpt_path={last}", f"hydra.run.dir={out}"])
+    command = continue_command(hydra_job_info()["overrides"], last, out)
     return f"interrupted by {signal_name}; checkpoints and metrics.json are in {out}. Continue with:\n  {command}"
 
 
@@ -64,6 +66,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         cfg: the composed conf/train.yaml.
         extra_callbacks: added to the Trainer's, after the configured ones (mlplab.launch: StopRequest).
     """
+    folder = RunFolder.claim(cfg.output_dir, cfg.ckpt_path, rank=launcher_rank())  # refused: nothing written
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     record: dict[str, Any] = {"status": "failed", "error": None, "metrics": {}, "per_class_test_acc": {},
@@ -72,9 +75,11 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
                               "environment": environment()}
     history = EpochHistory(out / HISTORY_FILE)
     trainer: L.Trainer | None = None
+    failed_write: WriteError | None = None
     try:
         # check
         check_config(cfg)
+        replan = check_resume(cfg) if cfg.ckpt_path is not None else None
         OmegaConf.save(cfg, out / RESOLVED_CONFIG_FILE, resolve=True)
         # seed
         threads = threads_for_job(cfg.torch_threads)
@@ -87,7 +92,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         module = build_module(cfg, datamodule)
         logger = build_logger(cfg)
         callbacks = [*build_callbacks(cfg), *extra_callbacks, history,
-                     ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True))]
+                     ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)), *([replan] if replan else [])]
         trainer = build_trainer(cfg, callbacks, logger)
         # fit
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -113,6 +118,10 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
     except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into sys.exit(1) after shutting down
         record["status"], record["error"] = "interrupted", "SIGINT (Ctrl-C)"
         raise SystemExit(interrupted_message(out, "SIGINT (Ctrl-C)")) from err
+    except WriteError as err:  # a full disk, most often; the previous version of every file is whole
+        record["error"] = f"WriteError: {err}"
+        failed_write = err
+        raise
     except Exception as err:
         record["error"] = f"{type(err).__name__}: {err}"
         raise
@@ -126,5 +135,16 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
             record["best_checkpoint"] = trainer.checkpoint_callback.best_model_path or None
         record["last_checkpoint"] = str(checkpoints / "last.ckpt") if (checkpoints / "last.ckpt").exists() else None
         record["metrics"] = {k: v for k, v in record["metrics"].items() if math.isfinite(v)}
-        if (trainer is None or trainer.is_global_zero) and out.is_dir() and os.access(out, os.W_OK):
-            write_metrics(out, record)
+        try:
+            if ((trainer is None or trainer.is_global_zero) and out.is_dir() and os.access(out, os.W_OK)
+                    and not record_is_worse(out, record)):  # a failed resume leaves the folder's record as it was
+                write_metrics(out, record)
+        except WriteError as err:
+            failed_write = failed_write or err
+        finally:
+            folder.release()
+        if failed_write is not None:  # replaces the error in flight with one that also says what is still good
+            last = out / "checkpoints" / "last.ckpt"
+            resume = f" Free some space, then continue with: {continue_command(record['overrides'], last, out)}"
+            raise WriteError(f"{failed_write}. Still good: {still_good(out)}.{resume if last.is_file() else ''}",
+                             failed_write.path, failed_write.errno) from failed_write

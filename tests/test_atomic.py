@@ -1,0 +1,96 @@
+"""Issue #14, case 1: a write that fails (a full disk) leaves the previous file whole and ends in one line."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, TRAIN_PY, read_json
+from mlplab.atomic import WriteError, write_atomically
+from mlplab.record import write_json
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary_one(tmp_path):
+    target = tmp_path / "metrics.json"
+    write_json(target, {"status": "ok"})
+
+    def fill_then_fail(f) -> None:
+        f.write(b"half of a new file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(WriteError, match=rf"^No space left on device while writing {target}$"):
+        write_atomically(target, fill_then_fail)
+    assert read_json(target) == {"status": "ok"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB tmpfs mounted for the test: a disk that really fills up (root and CAP_SYS_ADMIN needed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here: the full-disk test needs a small tmpfs")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave_kb: int) -> Path:
+    """Fills `disk` up to `leave_kb` KiB of free space; returns the filler file."""
+    stat = os.statvfs(disk)
+    filler = disk / "filler"
+    size = stat.f_bavail * stat.f_frsize - leave_kb * 1024
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, size)
+    return filler
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoints_and_ends_in_one_line(small_disk, data_root, tmp_path):
+    out = small_disk / "run"
+    args = [*TINY, "trainer.max_epochs=6", "~callbacks.parameter_histograms", "~callbacks.test_figures"]
+    env = {**os.environ, "DATA_DIR": str(data_root), "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *args, f"hydra.run.dir={out}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last, best = out / "checkpoints" / "last.ckpt", out / "checkpoints" / "best.ckpt"
+    deadline = time.time() + 180
+    while not (last.exists() and best.exists()) and time.time() < deadline:
+        assert proc.poll() is None, f"the run ended before the disk filled: {proc.communicate()[1]}"
+        time.sleep(0.05)
+    filler = fill(small_disk, leave_kb=48)  # room for the small JSON files, none for a 1.6 MB checkpoint
+    _, stderr = proc.communicate(timeout=180)
+
+    assert proc.returncode != 0, "the run finished before the disk was full"
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: No space left on device while writing {out}/"), stderr
+    assert "Still good: checkpoints/best.ckpt (" in line and "checkpoints/last.ckpt (" in line
+    for path in (best, last):  # the previous versions, whole
+        checkpoint = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+    assert not list(out.rglob(".*.tmp"))  # no temporary file left taking the space
+    if (out / "metrics.json").exists():
+        assert read_json(out / "metrics.json")["status"] == "failed"
+
+    # once there is space again, the command in the message continues the run
+    filler.unlink()
+    argv = shlex.split(line.split("continue with: ", 1)[1])
+    assert argv[:2] == ["python", "train.py"]
+    result = subprocess.run([sys.executable, str(TRAIN_PY), *argv[2:]], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert read_json(out / "metrics.json")["epochs"] == 6

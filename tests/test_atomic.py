@@ -60,29 +60,54 @@ def fill(disk: Path, leave_kb: int) -> Path:
     return filler
 
 
-def test_a_full_disk_keeps_the_last_good_checkpoints_and_ends_in_one_line(small_disk, data_root, tmp_path):
-    out = small_disk / "run"
+def start_run(out: Path, data_root: Path, cwd: Path) -> tuple[subprocess.Popen, dict]:
     args = [*TINY, "trainer.max_epochs=6", "~callbacks.parameter_histograms", "~callbacks.test_figures"]
     env = {**os.environ, "DATA_DIR": str(data_root), "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *args, f"hydra.run.dir={out}"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *args, f"hydra.run.dir={out}"], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    last, best = out / "checkpoints" / "last.ckpt", out / "checkpoints" / "best.ckpt"
-    deadline = time.time() + 180
-    while not (last.exists() and best.exists()) and time.time() < deadline:
-        assert proc.poll() is None, f"the run ended before the disk filled: {proc.communicate()[1]}"
-        time.sleep(0.05)
-    filler = fill(small_disk, leave_kb=48)  # room for the small JSON files, none for a 1.6 MB checkpoint
-    _, stderr = proc.communicate(timeout=180)
+    return proc, env
 
+
+def wait_for(proc: subprocess.Popen, *paths: Path) -> None:
+    deadline = time.time() + 180
+    while not all(p.exists() for p in paths) and time.time() < deadline:
+        assert proc.poll() is None, f"the run ended before the disk filled: {proc.communicate()[1]}"
+        time.sleep(0.02)
+
+
+def one_error_line(proc: subprocess.Popen, out: Path) -> str:
+    """The run's last stderr line, after checking that it failed on the full disk without a traceback."""
+    _, stderr = proc.communicate(timeout=180)
     assert proc.returncode != 0, "the run finished before the disk was full"
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr, stderr
     line = stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: No space left on device while writing {out}/"), stderr
+    assert not list(out.rglob(".*.tmp"))  # no temporary file left taking the space
+    return line
+
+
+def test_a_disk_full_before_the_first_checkpoint_leaves_no_broken_one(small_disk, data_root, tmp_path):
+    out = small_disk / "run"
+    proc, _ = start_run(out, data_root, tmp_path)
+    wait_for(proc, out / "resolved_config.yaml")  # written before the data is loaded: training has not begun
+    fill(small_disk, leave_kb=48)  # room for the small JSON files, none for a 1.6 MB checkpoint
+    line = one_error_line(proc, out)
+    assert "Still good: " in line
+    for path in (out / "checkpoints").glob("*.ckpt"):  # (there should be none) never a truncated one
+        torch.load(path, weights_only=True)
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoints_and_ends_in_one_line(small_disk, data_root, tmp_path):
+    out = small_disk / "run"
+    proc, env = start_run(out, data_root, tmp_path)
+    last, best = out / "checkpoints" / "last.ckpt", out / "checkpoints" / "best.ckpt"
+    wait_for(proc, last, best)
+    filler = fill(small_disk, leave_kb=48)
+    line = one_error_line(proc, out)
     assert "Still good: checkpoints/best.ckpt (" in line and "checkpoints/last.ckpt (" in line
     for path in (best, last):  # the previous versions, whole
         checkpoint = torch.load(path, weights_only=True)
         assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
-    assert not list(out.rglob(".*.tmp"))  # no temporary file left taking the space
     if (out / "metrics.json").exists():
         assert read_json(out / "metrics.json")["status"] == "failed"
 

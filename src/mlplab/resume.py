@@ -95,6 +95,13 @@ def _under(key: str, prefixes: Sequence[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
+def _added_since(key: str, saved: dict[str, Any]) -> bool:
+    """Whether `key` is missing from a checkpoint whose config has its parent: a key of a later version of
+    the kit (trainer.precision, say), which a checkpoint written before it does not record."""
+    parent = key.rpartition(".")[0]
+    return key not in saved and bool(parent) and any(k.startswith(parent + ".") for k in saved)
+
+
 def follows_max_epochs(cfg: DictConfig) -> list[str]:
     """The scheduler keys whose value is `${trainer.max_epochs}` (cosine's T_max): re-planned on resume."""
     if OmegaConf.select(cfg, "scheduler") is None:
@@ -116,7 +123,7 @@ def check_resume(cfg: DictConfig) -> ScheduleReplan | None:
     replanned = follows_max_epochs(cfg)
     differing = sorted(k for k in set(saved) | set(here)
                        if _under(k, EXPERIMENT_KEYS) and not _under(k, FREE_KEYS) and k not in replanned
-                       and saved.get(k) != here.get(k))
+                       and saved.get(k) != here.get(k) and not _added_since(k, saved))
     if differing:
         pairs = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {here.get(k)!r} here" for k in differing)
         fix = " ".join(_override(k, saved[k]) for k in differing if k in saved)

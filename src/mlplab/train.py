@@ -18,11 +18,11 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from mlplab.atomic import WriteError
 from mlplab.config import (ConfigError, build, build_callbacks, build_logger, build_module, build_trainer, check_config,
                            threads_for_job)
 from mlplab.hparams import hparams_of, log_session
 from mlplab.idx import DataError
-from mlplab.atomic import WriteError
 from mlplab.module import DivergenceError
 from mlplab.record import ConfigInCheckpoint, EpochHistory, environment, read_history, write_metrics
 from mlplab.resume import ResumeError, RunFolder, check_resume, continue_command, record_is_worse, still_good

@@ -12,7 +12,7 @@ import torch
 from conftest import compose_config
 from mlplab.config import ConfigError
 from mlplab.fast_path import PRIVATE_STEP_COUNTER, FastPathClassifier, step_counter
-from mlplab.module import Classifier
+from mlplab.module import Classifier, DivergenceError
 from mlplab.train import run
 
 TEXTBOOK = ["data.steps_per_call=1"]
@@ -233,3 +233,14 @@ def test_a_resumed_run_continues_as_if_never_stopped(steps_per_call, data_root, 
     halves = torch.load(last, weights_only=True)
     assert whole["global_step"] == halves["global_step"] == 40
     assert all(torch.equal(whole["state_dict"][k], halves["state_dict"][k]) for k in whole["state_dict"])
+
+
+@pytest.mark.parametrize(("steps_per_call", "log_every_n_steps"), [(1, 50), (8, 50), (8, 4), (8, 1000)])
+def test_divergence_names_the_first_bad_step_whatever_the_logging_interval(steps_per_call, log_every_n_steps,
+                                                                           data_root, tmp_path):
+    """optimizer.lr=inf: step 0's loss is finite (initial weights), its update makes every later loss NaN. The
+    logging interval's check (step 4 here) must not report its own step, nor the per-call scan come second."""
+    cfg = compose_config([f"data.steps_per_call={steps_per_call}", f"trainer.log_every_n_steps={log_every_n_steps}",
+                          "optimizer.lr=inf"], tmp_path, data_root)
+    with pytest.raises(DivergenceError, match=r"training loss is nan at epoch 0, step 1 "):
+        run(cfg)

@@ -14,6 +14,7 @@ from conftest import compose_config, read_json
 from mlplab.diagnostics import NAMES, LayerDiagnostics, layer_statistics, tag
 from mlplab.evaluate import evaluate
 from mlplab.models import MLP
+from mlplab.config import ConfigError
 from mlplab.train import run
 
 CE = nn.CrossEntropyLoss()
@@ -96,6 +97,12 @@ def test_probe_size_and_threshold_are_checked():
 
 # ---------------------------------------------------------------- in real runs
 
+
+@pytest.mark.parametrize("value", [0, 1.5, "high", True])
+def test_acc_threshold_out_of_range_is_a_config_error(value, data_root, tmp_path):
+    with pytest.raises(ConfigError, match=r"^acc_threshold=.* must be a number in \(0, 1\]"):
+        run(compose_config([f"acc_threshold={value}"], tmp_path, data_root))
+
 DEEP = ["model.hidden_sizes=[12,10,8]", "trainer.max_epochs=2"]
 
 
@@ -110,7 +117,12 @@ def test_every_layer_reaches_history_metrics_and_tensorboard_and_the_switch_turn
     assert set(names) <= set(events.Tags()["scalars"])
     steps = [e.step for e in events.Scalars(names[0])]
     assert steps == [e.step for e in events.Scalars("val/acc")][-2:]  # one point per epoch, on the step axis
-    off = run(compose_config([*DEEP, "activation=sigmoid", "~callbacks.layer_diagnostics"], tmp_path / "off", data_root))
+    # epochs to the dataset's val/acc threshold (0.97 for MNIST), as the sweep report reads it
+    reached = [row["epoch"] + 1 for row in history if row["val/acc"] >= 0.97]
+    assert record["convergence"] == {"metric": "val/acc", "threshold": 0.97, "epochs": reached[0] if reached else None}
+    off = run(compose_config([*DEEP, "activation=sigmoid", "~callbacks.layer_diagnostics", "acc_threshold=0.05"],
+                             tmp_path / "off", data_root))
+    assert off["convergence"] == {"metric": "val/acc", "threshold": 0.05, "epochs": 1}
     assert not any(name.startswith("diagnostics/") for name in off["metrics"])
     # measured in eval mode with autograd.grad: training is the same with and without them
     assert off["history"][-1]["val/acc"] == record["history"][-1]["val/acc"]

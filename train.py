@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> float | None:
         record = launch(cfg)
     except SystemExit:  # interrupted (Ctrl-C, SIGTERM): a sweep stops here, reporting the jobs that ran
         if multirun and launcher_rank() == 0:
-            report_sweep(Path(str(HydraConfig.get().sweep.dir)))
+            report_sweep(Path(str(HydraConfig.get().sweep.dir)), cfg.acc_threshold)
         raise
     except Exception as err:
         # run() has recorded the failure in the job's metrics.json. A sweep goes on with its

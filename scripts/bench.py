@@ -33,6 +33,9 @@ slows all variants alike. Per variant, the medians over rounds of:
     test s        the test pass, measured as val s; the kit's without its figures, which are
     figures s     the kit's test figures (misclassified grid, confusion matrix, entropy histogram),
                   drawn and written to TensorBoard
+    diag s        train.py's per-layer diagnostics at each epoch's end (mlplab.diagnostics, part of
+                  epoch s), median over the epochs after the first; printed as a share of the epoch
+                  too, in wall and CPU seconds (issue #17's bound: 3%)
     test acc      of the final weights; the kit's of its best checkpoint (by val/acc)
 and the ratios kit/floor and classic/kit, each the median of the per-round ratios. The table is
 printed with the machine's load average, and written as JSON (--json) with every run's record.
@@ -63,7 +66,8 @@ KIT_VARIANTS = {"kit": [], "textbook": ["data.steps_per_call=1"]}  # train.py ru
 QUICK_EPOCHS, QUICK_BATCHES = 2, 64  # --quick: the second epoch gives one epoch time after the first; 64: one call at conf/data's steps_per_call
 # issue #4's targets for the default MLP at batch 200 and 64 on a 2-core CPU (printed, never enforced)
 TARGETS = {"kit/floor epoch": 1.10, "kit first step s": 3.0, "kit wall s": 20.0, "kit peak RSS MB": 1200.0,
-           "kit/floor val": 1.2, "kit/floor test": 1.2}
+           "kit/floor val": 1.2, "kit/floor test": 1.2,
+           "kit diagnostics/epoch": 0.03, "kit diagnostics/epoch cpu": 0.03}  # issue #17's bound
 
 
 class Clock:
@@ -79,7 +83,8 @@ class Clock:
         self.start, self.sync = start, sync
         self.marks: dict[str, Any] = {"first_step_s": None, "epoch_starts_s": [], "train_end_s": None,
                                       "epoch_starts_cpu_s": [], "train_end_cpu_s": None,
-                                      "val_s": [], "test_s": None, "figures_s": None}
+                                      "val_s": [], "test_s": None, "figures_s": None,
+                                      "diagnostics_s": [], "diagnostics_cpu_s": []}
         self.began: dict[str, float] = {}
 
     def now(self) -> float:
@@ -126,6 +131,8 @@ def epoch_timer(path: str, start: float) -> Any:
     import lightning as L
     import torch
 
+    from mlplab.diagnostics import LayerDiagnostics
+
     class EpochTimer(L.Callback):
         def __init__(self) -> None:
             self.clock: Clock | None = None
@@ -134,6 +141,17 @@ def epoch_timer(path: str, start: float) -> Any:
             if self.clock is None:  # fit and test each call setup; one clock for both
                 cuda = trainer.strategy.root_device.type == "cuda"
                 self.clock = Clock(start, torch.cuda.synchronize if cuda else lambda: None)
+                for callback in trainer.callbacks:  # Lightning looks the hook up on the instance: time it there
+                    if isinstance(callback, LayerDiagnostics):
+                        callback.on_train_epoch_end = self.timed(callback.on_train_epoch_end)
+
+        def timed(self, hook: Callable[..., None]) -> Callable[..., None]:
+            def run(*args: Any) -> None:
+                wall, cpu = self.clock.now(), time.process_time()
+                hook(*args)
+                self.clock.marks["diagnostics_s"].append(self.clock.now() - wall)
+                self.clock.marks["diagnostics_cpu_s"].append(time.process_time() - cpu)
+            return run
 
         def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             self.clock.epoch_start()
@@ -413,7 +431,7 @@ COLUMNS = {  # summary key: (table heading, format)
     "epoch_s": ("epoch s", ".3f"), "epoch_cpu_s": ("epoch cpu s", ".3f"), "first_step_s": ("first step s", ".2f"),
     "wall_s": ("wall s", ".1f"), "cpu_s": ("cpu s", ".1f"), "peak_rss_mb": ("peak RSS MB", ".0f"),
     "val_s": ("val s", ".4f"), "test_s": ("test s", ".4f"), "figures_s": ("figures s", ".3f"),
-    "test_acc": ("test acc", ".4f")}
+    "diagnostics_s": ("diag s", ".4f"), "test_acc": ("test acc", ".4f")}
 RATIOS = (("kit", "floor", ("epoch", "epoch_cpu", "val", "test", "wall")), ("textbook", "floor", ("epoch", "wall")),
           ("classic", "kit", ("epoch", "wall")))
 
@@ -422,7 +440,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-variant medians over rounds, and the ratios of RATIOS, each the median of per-round ratios."""
     def per_run(r: dict[str, Any]) -> dict[str, float | None]:
         later = slice(1, None) if len(r["epoch_s"]) > 1 else slice(None)  # the first epoch warms up
-        return {**{key: r[key] for key in COLUMNS},
+        diagnostics = {key: statistics.median(r[key][later]) if r[key] else None  # train.py runs only
+                       for key in ("diagnostics_s", "diagnostics_cpu_s")}
+        return {**{key: r[key] for key in COLUMNS if key != "diagnostics_s"}, **diagnostics,
                 **{key: statistics.median(r[key][later]) for key in ("epoch_s", "epoch_cpu_s", "val_s")}}
 
     runs = {v: [per_run(r) for r in records if r["variant"] == v] for v in VARIANTS}
@@ -435,6 +455,11 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             for key in keys:
                 ratios[f"{top}/{bottom} {key.replace('_', ' ')}"] = statistics.median(
                     a[f"{key}_s"] / b[f"{key}_s"] for a, b in zip(runs[top], runs[bottom]))
+    for unit in ("", "_cpu"):  # the diagnostics' share of the kit's epoch
+        shares = [r[f"diagnostics{unit}_s"] / r[f"epoch{unit}_s"] for r in runs.get("kit", [])
+                  if r[f"diagnostics{unit}_s"] is not None]
+        if shares:
+            ratios[f"kit diagnostics/epoch{unit.replace('_', ' ')}"] = statistics.median(shares)
     loads = [r["load_1min"] for r in records]
     return {"variants": variants, "ratios": ratios,
             "load_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)}}

@@ -19,9 +19,13 @@ def main(argv: list[str] | None = None) -> None:
     """Parses argv (sys.argv[1:] when None), then writes and prints the report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", type=Path, help="a sweep dir, a run dir, or outputs/ as a whole")
+    parser.add_argument("--acc-threshold", type=float, metavar="ACC",
+                        help="val/acc for the 'epochs to threshold' column (default: the one each run recorded)")
     args = parser.parse_args(argv)
+    if args.acc_threshold is not None and not 0 < args.acc_threshold <= 1:
+        parser.error(f"--acc-threshold {args.acc_threshold} must be in (0, 1]")
     try:
-        summary = summarize(args.dir)
+        summary = summarize(args.dir, args.acc_threshold)
     except NoJobsError as err:
         parser.error(str(err))  # exit status 2, like any other bad argument
     print(format_table(summary))

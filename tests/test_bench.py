@@ -12,7 +12,7 @@ from conftest import ROOT
 BENCH = ROOT / "scripts" / "bench.py"
 VARIANTS = ["floor", "kit", "textbook", "classic"]
 PER_VARIANT = ("epoch_s", "epoch_cpu_s", "first_step_s", "wall_s", "cpu_s", "peak_rss_mb", "val_s", "test_s",
-               "figures_s", "test_acc")
+               "figures_s", "diagnostics_s", "test_acc")
 
 
 def test_quick_bench_runs_every_variant_prints_the_table_and_writes_json(data_root, tmp_path):
@@ -41,7 +41,7 @@ def test_quick_bench_runs_every_variant_prints_the_table_and_writes_json(data_ro
     for variant, summary in record["variants"].items():
         assert set(summary) == set(PER_VARIANT), variant
         for key, value in summary.items():
-            if key == "figures_s" and variant not in ("kit", "textbook"):  # only the kit draws figures
+            if key in ("figures_s", "diagnostics_s") and variant not in ("kit", "textbook"):  # train.py's only
                 assert value is None
             else:
                 assert isinstance(value, float) and value >= 0, (variant, key, value)
@@ -49,7 +49,8 @@ def test_quick_bench_runs_every_variant_prints_the_table_and_writes_json(data_ro
         assert 0 <= summary["test_acc"] <= 1
     assert set(record["ratios"]) == {"kit/floor epoch", "kit/floor epoch cpu", "kit/floor val", "kit/floor test",
                                      "kit/floor wall", "textbook/floor epoch", "textbook/floor wall",
-                                     "classic/kit epoch", "classic/kit wall"}
+                                     "classic/kit epoch", "classic/kit wall", "kit diagnostics/epoch",
+                                     "kit diagnostics/epoch cpu"}
     assert all(value > 0 for value in record["ratios"].values())
 
     runs = record["runs"]
@@ -58,3 +59,4 @@ def test_quick_bench_runs_every_variant_prints_the_table_and_writes_json(data_ro
         assert run["returncode"] == 0
         assert len(run["epoch_s"]) == len(run["epoch_cpu_s"]) == len(run["val_s"]) == 2  # a val pass per epoch
     assert runs[1]["figures_s"] > 0 and runs[2]["figures_s"] > 0  # the kit's real test path: figures, metrics.json
+    assert len(runs[1]["diagnostics_s"]) == 2 and 0 < record["ratios"]["kit diagnostics/epoch"] < 1  # once an epoch

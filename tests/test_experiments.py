@@ -13,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import CONF, ROOT, TINY, read_json, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-EXPERIMENTS = ("activation_study", "loss_study", "softmax_regression_fashion", "tutorial_mlp_fixed",
-               "tutorial_mlp_leaky", "tutorial_mlp_raw")
+EXPERIMENTS = ("activation_study", "best_mlp", "depth_study", "dying_relu", "loss_study", "optimizer_study",
+               "softmax_regression_fashion", "tutorial_mlp_fixed", "tutorial_mlp_leaky", "tutorial_mlp_raw")
 TEST_FIGURES = ("misclassified", "confusion", "entropy")
 
 
@@ -47,6 +47,7 @@ def test_one_multirun_runs_every_experiment(data_root, tmp_path):
     assert by_name["softmax_regression_fashion"]["choices"]["data"] == "fashion_mnist"
     assert by_name["softmax_regression_fashion"]["choices"]["model"] == "softmax_regression"
     assert by_name["tutorial_mlp_leaky"]["choices"]["activation"] == "leaky_relu"
+    assert by_name["dying_relu"]["choices"]["optimizer"] == "adam"
     assert (sweep / "summary.md").is_file()
 
 

@@ -3,9 +3,7 @@ training, without a traceback; and a property test over overrides of every confi
 
 from __future__ import annotations
 
-import os
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -15,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import CONF, ROOT, TINY, TRAIN_PY, compose_config, read_json, run_cli
+from conftest import CONF, ROOT, TINY, compose_config, read_json, run_cli
 from mlplab.idx import IDX_FILES
 from mlplab.train import EXPECTED_ERRORS, run
 

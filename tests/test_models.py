@@ -94,6 +94,68 @@ def test_dropout_acts_in_train_mode_only():
     assert not torch.equal(model(x), model(x))
 
 
+# ---------------------------------------------------------------- normalisation
+
+
+@pytest.mark.parametrize(("norm", "kind"), [("batch", "BatchNorm1d"), ("layer", "LayerNorm")])
+def test_norm_sits_after_each_hidden_linear_before_its_activation(norm, kind):
+    model = MLP(10, 4, hidden_sizes=[6, 5], norm=norm, dropout=0.1)
+    assert kinds(model) == ["Linear", kind, "ReLU", "Dropout", "Linear", kind, "ReLU", "Dropout", "Linear"]
+    norms = [m for m in model.layers if type(m).__name__ == kind]
+    assert [m.weight.shape[0] for m in norms] == [6, 5]  # one scale per unit of its layer
+    assert [type(a).__name__ for _, a in model.hidden_layers] == ["ReLU", "ReLU"]
+    assert [lin.out_features for lin, _ in model.hidden_layers] == [6, 5]
+    assert model(torch.randn(3, 10)).shape == (3, 4)
+    assert kinds(MLP(10, 4, hidden_sizes=[], norm=norm)) == ["Linear"]  # no hidden layer, nothing to normalise
+
+
+def pre_activations(model: MLP, x: torch.Tensor) -> torch.Tensor:
+    """The input of the first hidden activation: Linear, then the norm."""
+    seen = []
+    handle = model.hidden_layers[0][1].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    model(x)
+    handle.remove()
+    return seen[0].detach().double()
+
+
+def test_batch_norm_standardises_each_unit_over_the_batch_and_tracks_running_stats():
+    torch.manual_seed(0)
+    model = MLP(30, 4, hidden_sizes=[50], norm="batch", init="normal", init_std=2.0)
+    x = 3 + 5 * torch.randn(400, 30)
+    z = pre_activations(model.train(), x)
+    torch.testing.assert_close(z.mean(0), torch.zeros(50, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.var(0, unbiased=False), torch.ones(50, dtype=torch.float64), atol=1e-3, rtol=0)
+    bn = model.layers[1]
+    h = model.linears[0](x).detach()
+    torch.testing.assert_close(bn.running_mean, 0.1 * h.mean(0))  # momentum 0.1 from 0
+    # eval mode normalises with the running statistics, not the batch's
+    z_eval = pre_activations(model.eval(), x[:2])
+    expected = (h[:2] - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(z_eval, expected.double(), atol=1e-5, rtol=1e-5)
+    model.reset_parameters()
+    assert (bn.running_mean == 0).all() and (bn.running_var == 1).all()
+
+
+def test_layer_norm_standardises_each_sample_over_its_units():
+    torch.manual_seed(0)
+    model = MLP(30, 4, hidden_sizes=[50], norm="layer", init="normal", init_std=2.0)
+    z = pre_activations(model, 3 + 5 * torch.randn(8, 30))
+    torch.testing.assert_close(z.mean(1), torch.zeros(8, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.var(1, unbiased=False), torch.ones(8, dtype=torch.float64), atol=1e-3, rtol=0)
+
+
+def test_selu_with_lecun_normal_keeps_activations_near_mean_0_std_1_through_10_layers():
+    torch.manual_seed(0)
+    model = MLP(100, 10, hidden_sizes=[500] * 10, activation=nn.SELU(), init="lecun_normal")
+    outputs = []
+    handles = [a.register_forward_hook(lambda m, inp, out: outputs.append(out.detach())) for _, a in model.hidden_layers]
+    model(torch.randn(1000, 100))
+    for h in handles:
+        h.remove()
+    for a in outputs:  # the self-normalising fixed point (Klambauer et al. 2017)
+        assert abs(a.mean().item()) < 0.1 and abs(a.std().item() - 1) < 0.1
+
+
 # ---------------------------------------------------------------- initialisation
 
 
@@ -108,6 +170,7 @@ def wide_layer(init: str, **kwargs) -> nn.Linear:
     ("init", "kwargs", "std"),
     [
         ("kaiming_normal", {}, math.sqrt(2 / 784)),
+        ("lecun_normal", {}, 1 / math.sqrt(784)),
         ("xavier", {}, math.sqrt(2 / (784 + 2000))),
         ("normal", {"init_std": 0.01}, 0.01),
         ("normal", {"init_std": 0.3}, 0.3),
@@ -135,13 +198,14 @@ def test_default_init_is_pytorch_uniform():
     assert b.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)  # 2000 biases
 
 
-@pytest.mark.parametrize("init", ["kaiming_normal", "xavier", "normal"])
+@pytest.mark.parametrize("init", ["kaiming_normal", "lecun_normal", "xavier", "normal"])
 def test_init_reaches_every_layer(init):
     torch.manual_seed(7)
     model = MLP(784, 10, hidden_sizes=[1000, 500], init=init, init_std=0.05)
     for lin in model.linears:
         fan_in, fan_out = lin.in_features, lin.out_features
-        std = {"kaiming_normal": math.sqrt(2 / fan_in), "xavier": math.sqrt(2 / (fan_in + fan_out)), "normal": 0.05}[init]
+        std = {"kaiming_normal": math.sqrt(2 / fan_in), "lecun_normal": 1 / math.sqrt(fan_in),
+               "xavier": math.sqrt(2 / (fan_in + fan_out)), "normal": 0.05}[init]
         assert lin.weight.detach().std().item() == pytest.approx(std, rel=0.05), (fan_in, fan_out)
         assert (lin.bias == 0).all()
 
@@ -175,6 +239,8 @@ def test_reset_parameters_redraws_with_the_same_scheme():
         ({"dropout": -0.1}, "dropout"),
         ({"init_std": 0}, "init_std"),
         ({"init_std": -0.01}, "init_std"),
+        ({"norm": "group"}, "norm"),
+        ({"norm": "Batch"}, "norm"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs, argument):

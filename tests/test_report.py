@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mlplab.report import (MISSING_ERROR, SweepReport, collect_jobs, format_markdown, format_table, summarize,
+from mlplab.report import (MISSING_ERROR, SweepReport, _layer_grad_norms, _to_threshold, collect_jobs, format_markdown,
+                           format_table, summarize,
                            write_csv, write_report)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,3 +227,52 @@ def test_cli(cli, seeds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str
         with pytest.raises(SystemExit) as exit_info:
             cli([str(bad)])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- convergence and per-layer gradient norms
+
+
+def add_convergence(job: Path, threshold: float, grad_norms: list[list[float]] | None = None) -> None:
+    """Records "epochs to threshold" as train.py does, and optionally per-epoch, per-layer gradient norms."""
+    from mlplab.report import epochs_to_reach
+    record = json.loads((job / "metrics.json").read_text())
+    for row, norms in zip(record["history"], grad_norms or []):
+        row.update({f"diagnostics/layer_{i}/grad_norm": value for i, value in enumerate(norms, start=1)})
+    record["convergence"] = {"metric": "val/acc", "threshold": threshold,
+                             "epochs": epochs_to_reach(record["history"], threshold)}
+    (job / "metrics.json").write_text(json.dumps(record))
+
+
+def test_epochs_to_threshold_column_csv_and_override(seeds: Path) -> None:
+    # val/acc per epoch: relu seeds [0.5, 0.90], [0.5, 0.92], [0.5, 0.97]; selu [0.5, 0.95], [0.5, 0.96]
+    for job in sorted(seeds.iterdir()):
+        if (job / "metrics.json").is_file():
+            add_convergence(job, 0.95, grad_norms=[[1e-3, 0.1], [2e-3, 0.3]])
+    summary = summarize(seeds)
+    table = format_table(summary).splitlines()
+    assert "epochs to threshold" in table[0]
+    assert [(g.label, g.status, _to_threshold(g)) for g in summary.groups] == [
+        ("activation=selu", "ok", "2.0 ± 0.0"),  # both reached 0.95 after epoch 2
+        ("activation=relu", "ok", "2 (1 of 3)"),  # only seed 2 did
+        ("activation=selu", "failed", "not reached"),  # 0.4 only
+        ("activation=relu", "missing", "-")]  # nothing recorded
+    # recomputed from the histories at another threshold (the report setting)
+    assert [_to_threshold(g) for g in summarize(seeds, acc_threshold=0.5).groups] == [
+        "1.0 ± 0.0", "1.0 ± 0.0", "not reached", "-"]
+    paths = write_report(summary)
+    rows = {r["job"]: r for r in read_csv(seeds / "summary.csv")}
+    assert rows["2_activation=relu,seed=2"]["epochs_to_threshold"] == "2"
+    assert rows["0_activation=relu,seed=0"]["epochs_to_threshold"] == ""  # never: empty
+    assert rows["0_activation=relu,seed=0"]["acc_threshold"] == "0.95"
+    assert "until val/acc first reached 0.95" in (seeds / "summary.md").read_text()
+    # the per-layer gradient norms by row, as a figure
+    assert paths[-1].name == "layers.png" and paths[-1].read_bytes().startswith(PNG_SIGNATURE)
+    assert "layers.png" in (seeds / "summary.md").read_text()
+    assert _layer_grad_norms(summary.groups[0].jobs) == {1: {"first": 1e-3, "last": 2e-3},
+                                                         2: {"first": pytest.approx(0.1), "last": pytest.approx(0.3)}}
+
+
+def test_runs_without_threshold_or_diagnostics_have_neither_column_nor_figure(sweep: Path) -> None:
+    summary = summarize(sweep)
+    assert "epochs to threshold" not in format_table(summary)
+    assert [p.name for p in write_report(summary)] == ["summary.csv", "summary.md", "summary.png"]

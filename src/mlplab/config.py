@@ -124,6 +124,10 @@ def check_config(cfg: DictConfig) -> None:
     clip = cfg.trainer.gradient_clip_val
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, Real) or not clip > 0):
         raise ConfigError(f"trainer.gradient_clip_val={clip!r} must be a number > 0, or null for no clipping")
+    threshold = cfg.acc_threshold
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, Real)
+                                  or not 0 < threshold <= 1):
+        raise ConfigError(f"acc_threshold={threshold!r} must be a number in (0, 1], or null for the dataset's own")
     steps_per_call = cfg.data.steps_per_call
     if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise ConfigError(f"data.steps_per_call={steps_per_call!r} must be a positive integer")

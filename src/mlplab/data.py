@@ -28,6 +28,7 @@ class DatasetInfo:
     classes: tuple[str, ...]
     image_shape: tuple[int, int] = (28, 28)
     train_size: int = 60_000  # images in the official training split (train + val here)
+    acc_threshold: float = 0.97  # val/acc that counts as learnt, for "epochs to threshold" (root key acc_threshold)
 
     @property
     def input_size(self) -> int:
@@ -57,6 +58,7 @@ DATASETS: dict[str, DatasetInfo] = {
         std=0.3530,
         classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        acc_threshold=0.87,  # the default MLP reaches ~89% in 10 epochs, 97% is out of an MLP's reach
     ),
 }
 

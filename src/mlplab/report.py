@@ -12,7 +12,8 @@ Layout
     Columns: the override keys whose value differs between the jobs summarised (a key set to
     one value everywhere says nothing about the comparison); `-` where a job leaves a key at
     its config default. When no key differs, a `run` column names the job dir instead.
-    Then n, final val/acc, test/acc, test/loss, epochs, wall time per job, status.
+    Then n, final val/acc, test/acc, test/loss, epochs, epochs to threshold (see below), wall time
+    per job, status.
     Rows: successful jobs whose overrides are equal apart from `seed=` share one row, which
     shows the mean ± sample standard deviation (n - 1 in the denominator) over its n jobs and
     lists their seeds in the seed column. Reruns of one config with one seed (two single runs
@@ -28,6 +29,16 @@ Layout
     summary.md holds the same table, the full error of each unsuccessful job and the plot.
     summary.png: left, val/acc per epoch of every job (one colour per row label, dashed where
     the job did not succeed); right, test/acc per successful row with ±1 std error bars.
+    layers.png, where the jobs logged mlplab.diagnostics: each row's weight-gradient norm per hidden
+    layer (mean over its jobs), after the first and after the last epoch.
+Convergence
+    "epochs to threshold" is the number of training epochs after which val/acc first reached a
+    threshold: the one each run recorded in its metrics.json ("convergence": the root config key
+    acc_threshold, or the dataset's own in mlplab.data.DATASETS), or the one given to the report
+    (scripts/summarize.py --acc-threshold, the sweep's acc_threshold), recomputed from each job's
+    history. A row shows the mean ± std over its jobs, "(k of n)" when only k reached it, and "not
+    reached" when none did. The column is left out when no job has a threshold (runs recorded
+    before it existed).
 """
 
 from __future__ import annotations
@@ -53,10 +64,12 @@ from mlplab.rundir import METRICS_FILE, launcher_rank
 
 log = logging.getLogger(__name__)
 
-CSV_FILE, MARKDOWN_FILE, PLOT_FILE = "summary.csv", "summary.md", "summary.png"
+CSV_FILE, MARKDOWN_FILE, PLOT_FILE, LAYERS_FILE = "summary.csv", "summary.md", "summary.png", "layers.png"
 RANK_BY = "val/acc"
 HEADLINE = (RANK_BY, "test/acc", "test/loss")  # the table's metric columns
 NUMBER_COLUMNS = ("n", *HEADLINE, "epochs", "time (s)")  # between the settings columns and the status
+TO_THRESHOLD = "epochs to threshold"  # a number column after "epochs", where any job has a threshold
+GRAD_NORM = re.compile(r"^diagnostics/layer_(\d+)/grad_norm$")  # mlplab.diagnostics.tag(i, "grad_norm")
 STATUSES = ("ok", "failed", "interrupted", "missing")  # in the order the headline counts them
 SEED = "seed"  # the config key that seeds a run; jobs that differ only in it are one group
 MISSING_ERROR = "no metrics.json (killed before it finished?)"
@@ -80,6 +93,8 @@ class Job:
         history: one row per finished epoch, as in metrics.json.
         epochs: finished epochs; None when missing.
         wall_time_s: seconds the job ran; None when missing.
+        convergence: {"metric": "val/acc", "threshold": t, "epochs": the epochs it took, None if never};
+            None where the job recorded none (missing, or written before metrics.json had it).
     """
 
     path: Path
@@ -90,6 +105,7 @@ class Job:
     history: list[dict[str, Any]] = field(default_factory=list)
     epochs: int | None = None
     wall_time_s: float | None = None
+    convergence: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -187,7 +203,16 @@ def read_job(path: str | Path) -> Job:
         return Job(path, "missing", f"unreadable {METRICS_FILE}: {err}", overrides or [])
     return Job(path, record["status"], record["error"],
                overrides if overrides is not None else list(record["overrides"]), metrics=record["metrics"],
-               history=record["history"], epochs=record["epochs"], wall_time_s=record["wall_time_s"])
+               history=record["history"], epochs=record["epochs"], wall_time_s=record["wall_time_s"],
+               convergence=record.get("convergence"))  # absent from runs recorded before it existed
+
+
+def epochs_to_reach(history: list[dict[str, Any]], threshold: float, metric: str = RANK_BY) -> int | None:
+    """Training epochs after which `metric` first was >= threshold (1: after the first), None if never."""
+    for row in history:
+        if row.get(metric) is not None and row[metric] >= threshold:
+            return row["epoch"] + 1
+    return None
 
 
 def _natural_key(path: Path) -> list[str | int]:
@@ -251,8 +276,13 @@ def group_jobs(jobs: list[Job], keys: list[str], root: Path) -> list[Group]:
     return sorted((Group(label(row), row) for row in rows), key=rank)
 
 
-def summarize(root: str | Path) -> Summary:
+def summarize(root: str | Path, acc_threshold: float | None = None) -> Summary:
     """Reads every job under root into a Summary; writes nothing (write_report does).
+
+    Args:
+        root: a sweep dir, a run dir, or a folder of them.
+        acc_threshold: the val/acc for "epochs to threshold", recomputed from each job's history; None
+            keeps the threshold each job recorded.
 
     Raises:
         NoJobsError: root is not a directory, or holds no job dir.
@@ -261,6 +291,10 @@ def summarize(root: str | Path) -> Summary:
     jobs = collect_jobs(root)
     if not jobs:
         raise NoJobsError(f"no job dirs under {root} (a job dir holds {METRICS_FILE} or a .hydra/ folder)")
+    if acc_threshold is not None:
+        for job in (job for job in jobs if job.status != "missing"):  # a missing job has no history to read
+            job.convergence = {"metric": RANK_BY, "threshold": acc_threshold,
+                               "epochs": epochs_to_reach(job.history, acc_threshold)}
     keys = differing_keys(jobs)
     return Summary(root, jobs, keys, group_jobs(jobs, keys, root))
 
@@ -282,6 +316,24 @@ def _span(values: list[int]) -> str:
     return str(values[0]) if min(values) == max(values) else f"{min(values)}-{max(values)}"
 
 
+def _thresholds(summary: Summary) -> list[float]:
+    """The distinct thresholds of "epochs to threshold", in order; [] leaves the column out."""
+    return list(dict.fromkeys(job.convergence["threshold"] for job in summary.jobs if job.convergence))
+
+
+def _to_threshold(group: Group) -> str:
+    """E.g. "3.0 ± 1.0", "4.5 (2 of 3)", "not reached", or "-" without a threshold."""
+    recorded = [job.convergence["epochs"] for job in group.jobs if job.convergence]
+    if not recorded:
+        return "-"
+    reached = [epochs for epochs in recorded if epochs is not None]
+    if not reached:
+        return "not reached"
+    text = (f"{reached[0]}" if len(reached) == 1
+            else f"{statistics.fmean(reached):.1f} ± {statistics.stdev(reached):.1f}")
+    return text if len(reached) == len(recorded) else f"{text} ({len(reached)} of {len(recorded)})"
+
+
 def _cells(summary: Summary, group: Group) -> list[str]:
     if summary.keys:
         settings = [",".join(dict.fromkeys(job.params.get(key, "-") for job in group.jobs)) for key in summary.keys]
@@ -291,17 +343,25 @@ def _cells(summary: Summary, group: Group) -> list[str]:
     times = [job.wall_time_s for job in group.jobs if job.wall_time_s is not None]
     error = group.jobs[0].error  # a group of several is all "ok", without errors
     status = f"{group.status}: {_shorten(error, REASON_WIDTH)}" if error else group.status
+    convergence = [_to_threshold(group)] if _thresholds(summary) else []
     return [*settings, str(group.n), *(_number(group.mean(name), group.std(name)) for name in HEADLINE),
-            _span(epochs), f"{statistics.fmean(times):.1f}" if times else "-", status]
+            _span(epochs), *convergence, f"{statistics.fmean(times):.1f}" if times else "-", status]
+
+
+def _number_columns(summary: Summary) -> list[str]:
+    columns = list(NUMBER_COLUMNS)
+    if _thresholds(summary):
+        columns.insert(columns.index("epochs") + 1, TO_THRESHOLD)
+    return columns
 
 
 def _header(summary: Summary) -> list[str]:
-    return [*(summary.keys or ["run"]), *NUMBER_COLUMNS, "status"]
+    return [*(summary.keys or ["run"]), *_number_columns(summary), "status"]
 
 
 def _numeric(summary: Summary) -> list[bool]:
     """Which columns hold numbers, aligned right."""
-    return [False] * len(summary.keys or ["run"]) + [True] * len(NUMBER_COLUMNS) + [False]
+    return [False] * len(summary.keys or ["run"]) + [True] * len(_number_columns(summary)) + [False]
 
 
 def format_table(summary: Summary) -> str:
@@ -329,6 +389,11 @@ def format_markdown(summary: Summary) -> str:
             f"mean ± sample standard deviation over its n jobs. Per-job values: [{CSV_FILE}]({CSV_FILE}).\n",
             line(header), line(align), *(line(_cells(summary, group)) for group in summary.groups),
             f"\n![{RANK_BY} per epoch of each job; test/acc of each row]({PLOT_FILE})\n"]
+    if thresholds := _thresholds(summary):
+        text.insert(2, f"{TO_THRESHOLD}: training epochs until {RANK_BY} first reached "
+                       f"{' or '.join(f'{t:g}' for t in thresholds)} (the job's threshold; per job in {CSV_FILE}).\n")
+    if _layer_grad_norms(summary.jobs):
+        text.append(f"![weight-gradient norm per hidden layer, by row]({LAYERS_FILE})\n")
     if summary.unsuccessful:
         text.append("## Jobs that did not succeed\n")
         text += [f"- `{summary.relative(job)}`: {job.status}: {job.error}" for job in summary.unsuccessful]
@@ -340,13 +405,59 @@ def write_csv(summary: Summary, path: Path) -> None:
     metrics = list(dict.fromkeys([*HEADLINE, *sorted({name for job in summary.jobs for name in job.metrics})]))
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["job", "group", *summary.keys, "status", "error", "overrides", "epochs", "wall_time_s",
-                         *metrics])
+        writer.writerow(["job", "group", *summary.keys, "status", "error", "overrides", "epochs",
+                         "acc_threshold", "epochs_to_threshold", "wall_time_s", *metrics])
         for group in summary.groups:
             for job in group.jobs:
+                convergence = job.convergence or {}
                 writer.writerow([summary.relative(job), group.label, *(job.params.get(k, "") for k in summary.keys),
-                                 job.status, job.error, " ".join(job.overrides), job.epochs, job.wall_time_s,
+                                 job.status, job.error, " ".join(job.overrides), job.epochs,
+                                 convergence.get("threshold"), convergence.get("epochs"), job.wall_time_s,
                                  *(job.metrics.get(name) for name in metrics)])
+
+
+def _layer_grad_norms(jobs: list[Job]) -> dict[int, dict[str, float]]:
+    """{hidden layer: {"first": grad norm after epoch 1, "last": after the last}} of one job, or of several
+    averaged layer by layer; {} when none logged diagnostics."""
+    norms: dict[int, dict[str, list[float]]] = {}
+    for job in jobs:
+        for when, row in (("first", job.history[:1]), ("last", job.history[-1:])):
+            for name, value in (row[0] if row else {}).items():
+                if (match := GRAD_NORM.match(name)) and value is not None:
+                    norms.setdefault(int(match[1]), {"first": [], "last": []})[when].append(value)
+    return {layer: {when: statistics.fmean(v) for when, v in values.items() if v}
+            for layer, values in sorted(norms.items())}
+
+
+def plot_layers(summary: Summary, path: Path) -> bool:
+    """layers.png: weight-gradient norm per hidden layer of each successful row (log scale), after the first
+    and the last epoch. Returns False, writing nothing, when no job logged them."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [(g.label, norms) for g in summary.groups if g.status == "ok" and (norms := _layer_grad_norms(g.jobs))]
+    if not rows:
+        return False
+    palette = colormaps["tab10" if len(rows) <= 10 else "tab20"].colors
+    fig = Figure(figsize=(13, 4.5 + 0.2 * math.ceil(len(rows) / 3)), layout="constrained")
+    FigureCanvasAgg(fig)
+    panels = fig.subplots(1, 2, sharey=True)
+    for panel, when, title in ((panels[0], "first", "after epoch 1"), (panels[1], "last", "after the last epoch")):
+        for i, (label, norms) in enumerate(rows):
+            layers = [layer for layer in norms if when in norms[layer]]
+            panel.plot(layers, [norms[layer][when] for layer in layers], marker="o", label=label,
+                       color=palette[i % len(palette)], linestyle="-" if i < len(palette) else "--")
+        panel.set(title=f"weight-gradient norm per hidden layer, {title}", xlabel="hidden layer (1: next to the input)",
+                  yscale="log")
+        panel.xaxis.set_major_locator(MaxNLocator(integer=True))
+    panels[0].set_ylabel("||dL/dW|| on the probe batch")
+    handles, labels = panels[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize="small", frameon=False)
+    fig.suptitle(summary.headline, fontsize="small")
+    fig.savefig(path, dpi=100)
+    return True
 
 
 def plot(summary: Summary, path: Path) -> None:
@@ -413,21 +524,28 @@ def plot(summary: Summary, path: Path) -> None:
 
 
 def write_report(summary: Summary) -> list[Path]:
-    """Writes summary.csv, summary.md and summary.png into summary.root; returns their paths."""
+    """Writes summary.csv, summary.md and summary.png (and layers.png, where the jobs logged
+    diagnostics) into summary.root; returns their paths."""
     paths = [summary.root / name for name in (CSV_FILE, MARKDOWN_FILE, PLOT_FILE)]
     write_csv(summary, paths[0])
     paths[1].write_text(format_markdown(summary))
     plot(summary, paths[2])
+    if plot_layers(summary, summary.root / LAYERS_FILE):
+        paths.append(summary.root / LAYERS_FILE)
     return paths
 
 
-def report_sweep(sweep_dir: Path) -> Summary:
+def report_sweep(sweep_dir: Path, acc_threshold: float | None = None) -> Summary:
     """Prints the table of the jobs under `sweep_dir` and writes summary.csv/md/png; returns the summary.
 
     Called when the sweep ends, and by train.py when Ctrl-C or SIGTERM stops it: the report then holds the
     jobs that ran, the interrupted one among them.
+
+    Args:
+        sweep_dir: the sweep's folder.
+        acc_threshold: the val/acc of "epochs to threshold" (see summarize); None keeps each job's own.
     """
-    summary = summarize(sweep_dir)
+    summary = summarize(sweep_dir, acc_threshold)
     print(format_table(summary))
     try:
         paths = write_report(summary)
@@ -444,13 +562,19 @@ class SweepReport(Callback):
     train.py lets a failed job return so that the other jobs still run; this is where the sweep
     gets its non-zero exit status. Hydra turns an Exception raised in a callback into a
     warning, but SystemExit is not an Exception and ends the process with status 1.
+
+    Args:
+        acc_threshold: the val/acc of "epochs to threshold" (see summarize); None keeps each job's own.
     """
+
+    def __init__(self, acc_threshold: float | None = None) -> None:
+        self.acc_threshold = acc_threshold
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if launcher_rank() != 0:
             return  # torchrun / srun make every rank a Hydra multirun: one report, rank 0's, after its last job
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        summary = report_sweep(sweep_dir)
+        summary = report_sweep(sweep_dir, self.acc_threshold)
         if summary.unsuccessful:
             raise SystemExit(f"{len(summary.unsuccessful)} of {len(summary.jobs)} jobs failed; "
                              f"see {sweep_dir / MARKDOWN_FILE}")

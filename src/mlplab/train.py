@@ -25,6 +25,7 @@ from mlplab.hparams import hparams_of, log_session
 from mlplab.idx import DataError
 from mlplab.module import DivergenceError
 from mlplab.record import ConfigInCheckpoint, EpochHistory, environment, read_history, write_metrics
+from mlplab.report import RANK_BY, epochs_to_reach
 from mlplab.resume import ResumeError, RunFolder, check_resume, continue_command, record_is_worse, still_good
 from mlplab.rundir import HISTORY_FILE, RESOLVED_CONFIG_FILE, launcher_rank
 
@@ -71,8 +72,9 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
     out = Path(cfg.output_dir)
     record: dict[str, Any] = {"status": "failed", "error": None, "metrics": {}, "per_class_test_acc": {},
                               "history": [], "epochs": 0, "wall_time_s": None, "best_checkpoint": None,
-                              "last_checkpoint": None, "resumed_from": cfg.ckpt_path, **hydra_job_info(),
-                              "environment": environment()}
+                              "last_checkpoint": None, "resumed_from": cfg.ckpt_path, "convergence": None,
+                              **hydra_job_info(), "environment": environment()}
+    threshold = None  # val/acc for "epochs to threshold": cfg.acc_threshold, else the dataset's
     history = EpochHistory(out / HISTORY_FILE)
     trainer: L.Trainer | None = None
     failed_write: WriteError | None = None
@@ -89,6 +91,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         # build
         datamodule = build(cfg, "data")
+        threshold = cfg.acc_threshold if cfg.acc_threshold is not None else datamodule.info.acc_threshold
         module = build_module(cfg, datamodule)
         logger = build_logger(cfg)
         callbacks = [*build_callbacks(cfg), *extra_callbacks, history,
@@ -130,6 +133,9 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         record["wall_time_s"] = round(time.perf_counter() - start, 3)
         record["history"] = read_history(out / HISTORY_FILE)
         record["epochs"] = len(record["history"])
+        if threshold is not None:
+            record["convergence"] = {"metric": RANK_BY, "threshold": threshold,
+                                     "epochs": epochs_to_reach(record["history"], threshold)}
         checkpoints = out / "checkpoints"
         if trainer is not None and trainer.checkpoint_callback is not None:
             record["best_checkpoint"] = trainer.checkpoint_callback.best_model_path or None

@@ -176,7 +176,7 @@ def test_multirun_of_ddp_jobs_leaves_one_dir_per_job_and_a_report(runs, data_roo
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [job.name.split("_", 1)[0] for job in jobs] == ["0", "1"]
     assert sorted(p.name for p in sweep.iterdir() if p.is_file()) == [
-        "multirun.yaml", "summary.csv", "summary.md", "summary.png"]
+        "layers.png", "multirun.yaml", "summary.csv", "summary.md", "summary.png"]
     assert len(closing_lines(result.stdout)) == 2  # each job ran once
     single = layout(runs["single"])
     for job, activation in zip(jobs, ("relu", "tanh")):

@@ -1,0 +1,228 @@
+"""The kit on a real SLURM: sweeps through submitit, DDP through srun, scancel, and the launches that go wrong.
+
+Needs the test cluster of scripts/slurm_cluster.sh (.ci/run starts it: `sudo scripts/slurm_cluster.sh start`);
+every test skips with the reason where it is not running. Jobs run this interpreter (its directory goes first
+on PATH, which sbatch and srun pass on to the jobs) and this source tree (PYTHONPATH), on the synthetic data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import ROOT, TINY, TRAIN_PY, read_json
+
+pytestmark = pytest.mark.slurm
+
+CLUSTER = ROOT / "scripts" / "slurm_cluster.sh"
+SBATCH = ROOT / "scripts" / "train.sbatch"
+# Long enough that scancel lands mid-run once the first epoch has been saved; full epochs so that a resume
+# from last.ckpt can equal the uninterrupted run, and one thread wherever it runs (a SLURM task without -c
+# gets one core), so that it equals it bit for bit.
+LONG = ["model.hidden_sizes=[16]", "trainer.max_epochs=5", "~callbacks.parameter_histograms", "~callbacks.test_figures",
+        "seed=5", "trainer.limit_train_batches=1.0", "trainer.limit_val_batches=1.0", "torch_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    try:
+        status = subprocess.run([str(CLUSTER), "status"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        pytest.skip(f"no SLURM test cluster: {err}")
+    if status.returncode != 0:
+        pytest.skip(f"no SLURM test cluster ({status.stdout.strip() or status.stderr.strip()}): "
+                    "start one with `sudo scripts/slurm_cluster.sh start`")
+
+
+@pytest.fixture()
+def env(data_root: Path) -> dict[str, str]:
+    """The environment jobs are submitted from: this interpreter first on PATH, this tree's sources, the data."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    pythonpath = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PATH": path, "PYTHONPATH": pythonpath, "DATA_DIR": str(data_root), "HYDRA_FULL_ERROR": "0"}
+
+
+class RecordRank(L.Callback):
+    """Writes <dirpath>/rank<r>.json at the start of training: what SLURM gave this rank.
+
+    Args:
+        dirpath: where the files go.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        (self.dirpath / f"rank{trainer.global_rank}.json").write_text(json.dumps({
+            "world_size": trainer.world_size, "slurm_procid": os.environ.get("SLURM_PROCID"),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": torch.get_num_threads()}))
+
+
+def record_ranks(dirpath: Path) -> list[str]:
+    return ["+callbacks.record_rank._target_=test_slurm.RecordRank", f"+callbacks.record_rank.dirpath={dirpath}"]
+
+
+def ranks(dirpath: Path) -> list[dict]:
+    return [read_json(path) for path in sorted(dirpath.glob("rank*.json"))]
+
+
+def train(args: list[str], env: dict[str, str], launcher: list[str] = (), timeout: float = 300) -> subprocess.CompletedProcess:
+    """`<launcher> python train.py <args>`, from the repo root."""
+    return subprocess.run([*launcher, sys.executable, str(TRAIN_PY), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def wait_for_job(job: str, timeout: float = 240) -> None:
+    """Returns once SLURM has forgotten job `job` or lists it as finished."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+        if not state:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"job {job} still in the queue after {timeout} s")
+
+
+# ------------------------------------------------------------------ sweeps
+
+
+def test_submitit_slurm_sweep_runs_each_job_as_a_slurm_job_and_writes_its_report(cluster, env, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = train(["-m", *TINY, "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=10",
+                    "activation=relu,tanh", f"hydra.sweep.dir={sweep}"], env)
+    assert result.returncode == 0, result.stderr
+    records = sorted((read_json(path) for path in sweep.glob("*/metrics.json")), key=lambda r: r["choices"]["activation"])
+    assert [(r["choices"]["activation"], r["status"]) for r in records] == [("relu", "ok"), ("tanh", "ok")]
+    assert "2 jobs under" in (sweep / "summary.md").read_text()
+    assert len(list(sweep.glob(".submitit/*/*_log.out"))) == 2  # each job ran as a SLURM job, logged by submitit
+
+
+def test_gpu_launcher_gives_each_rank_every_gpu_of_its_node(cluster, env, tmp_path):
+    """conf/hydra/launcher/submitit_slurm_gpu.yaml with 2 tasks: a DDP sweep job on a node with 2 fake GPUs.
+
+    The job trains on the CPU (trainer=ddp_cpu); what matters is what SLURM shows each rank. With
+    gpus_per_node each rank sees both GPUs, as Lightning's DDP needs; gpus_per_task=1 would show each one.
+    """
+    sweep, seen = tmp_path / "sweep", tmp_path / "ranks"
+    result = train(["-m", *TINY, "trainer=ddp_cpu", "hydra/launcher=submitit_slurm_gpu", "hydra.launcher.tasks_per_node=2",
+                    "hydra.launcher.gpus_per_node=2", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4", "hydra.launcher.timeout_min=10",
+                    f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}", *record_ranks(seen)], env)
+    assert result.returncode == 0, result.stderr
+    assert [read_json(path)["status"] for path in sweep.glob("*/metrics.json")] == ["ok"]  # one job, one record
+    assert [(r["world_size"], r["slurm_procid"], r["cuda_visible_devices"]) for r in ranks(seen)] == \
+        [(2, "0", "0,1"), (2, "1", "0,1")]
+
+
+# ------------------------------------------------------------------ srun
+
+
+def test_srun_ddp_ranks_write_one_record_and_use_their_share_of_the_cores(cluster, env, tmp_path):
+    run_dir, seen = tmp_path / "run", tmp_path / "ranks"
+    result = train([*TINY, "trainer=ddp_cpu", f"hydra.run.dir={run_dir}", *record_ranks(seen)], env,
+                   launcher=["srun", "--ntasks-per-node=2"])
+    assert result.returncode == 0, result.stderr
+    assert read_json(run_dir / "metrics.json")["status"] == "ok"
+    assert result.stdout.count("test/acc") == 1  # rank 0 prints the result
+    # no -c: SLURM gives each task one core, and each rank runs one torch thread
+    assert [(r["world_size"], r["slurm_procid"], r["threads"]) for r in ranks(seen)] == [(2, "0", 1), (2, "1", 1)]
+
+
+@pytest.mark.parametrize(("launcher", "message"), [
+    (["srun", "-n2"], r"^error: srun -n/--ntasks=2 does not tell Lightning the tasks per node: use --ntasks-per-node=2"),
+    (["srun", "-c2"], r"^error: trainer\.devices=2 x trainer\.num_nodes=1 needs 2 SLURM tasks, one per device, but this "
+                      r"job step has 1: use srun --ntasks-per-node=2"),
+    (["sbatch", "--ntasks-per-node=2", "--wait", "--wrap"],
+     r"^error: this job has 2 tasks but train\.py runs once, in the batch script: start it with srun"),
+], ids=["srun -n2", "srun -c2", "sbatch without srun"])
+def test_wrong_launches_fail_at_once_naming_the_fix(cluster, env, tmp_path, launcher, message):
+    args = [*TINY, "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'run'}"]
+    if launcher[0] == "sbatch":  # --wrap takes the command as one string; the job's output goes to a file
+        log = tmp_path / "job.out"
+        result = subprocess.run([*launcher[:-1], f"--output={log}", launcher[-1],
+                                 shlex.join([sys.executable, str(TRAIN_PY), *args])],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        stderr = log.read_text()
+    else:
+        result = train(args, env, launcher=launcher)
+        stderr = result.stderr
+    assert result.returncode != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.match(message, errors[0]), stderr  # one line: rank 0's
+    assert "Traceback" not in stderr
+
+
+# ------------------------------------------------------------------ scancel
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """metrics.json of the LONG run, run to its end in one go."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    env = {**os.environ, "DATA_DIR": str(data_root)}
+    result = train([*TINY, *LONG, f"hydra.run.dir={run_dir}"], env)
+    assert result.returncode == 0, result.stderr
+    return read_json(run_dir / "metrics.json")
+
+
+@pytest.mark.parametrize("scancel", [["scancel"], ["scancel", "--signal=TERM"]], ids=["scancel", "scancel --signal=TERM"])
+def test_cancelled_batch_job_keeps_its_work_and_its_resume_command_finishes_the_run(cluster, env, tmp_path, scancel,
+                                                                                     uninterrupted):
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = subprocess.run(["sbatch", "--parsable", f"--output={log}", str(SBATCH), *TINY, *LONG,
+                          f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    job_id = job.stdout.strip().split(";")[0]
+    cancel_after_first_epoch(job_id, run_dir, scancel)
+    record = read_json(run_dir / "metrics.json")
+    assert record["status"] == "interrupted" and record["error"] == "SIGTERM", "the run finished before scancel"
+    assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
+    output = log.read_text()
+    assert output.count("Continue with:") == 1, output
+    command = shlex.split(output.split("Continue with:\n", 1)[1].splitlines()[0])
+    assert command[:2] == ["python", "train.py"] and command[-1] == f"hydra.run.dir={run_dir}"
+
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = read_json(run_dir / "metrics.json"), uninterrupted
+    assert a["status"] == "ok" and a["epochs"] == b["epochs"] == 5
+    assert [r["val/acc"] for r in a["history"]] == [r["val/acc"] for r in b["history"]]
+    assert [r["val/loss"] for r in a["history"]] == [r["val/loss"] for r in b["history"]]
+    assert a["metrics"]["test/loss"] == b["metrics"]["test/loss"]
+
+
+def test_cancelled_srun_ddp_ranks_stop_together(cluster, env, tmp_path):
+    """scancel signals both ranks at once; they agree on the stop at one step instead of deadlocking in
+    Lightning's SIGTERM handler until SLURM's SIGKILL."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", f"--output={log}", str(SBATCH), *TINY, *LONG,
+                          "trainer=ddp_cpu", f"hydra.run.dir={run_dir}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    cancel_after_first_epoch(job.stdout.strip().split(";")[0], run_dir, ["scancel"])
+    record = read_json(run_dir / "metrics.json")
+    assert record["status"] == "interrupted" and record["error"] == "SIGTERM", "the run finished before scancel"
+    assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
+    assert log.read_text().count("Continue with:") == 1  # rank 0 says it
+
+
+def cancel_after_first_epoch(job_id: str, run_dir: Path, scancel: list[str]) -> None:
+    """Cancels the job once it has saved its first epoch, and waits until SLURM has ended it."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not (last.exists() and (run_dir / "history.json").exists()):
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job_id} is {state or 'gone'} before its first epoch"
+        assert time.monotonic() < deadline, f"job {job_id} saved no epoch in 240 s"
+        time.sleep(0.05)
+    subprocess.run([*scancel, job_id], check=True)
+    wait_for_job(job_id)

@@ -1,7 +1,8 @@
 """The kit on a real SLURM: sweeps through submitit, DDP through srun, scancel, and the launches that go wrong.
 
-Needs the test cluster of scripts/slurm_cluster.sh (.ci/run starts it: `sudo scripts/slurm_cluster.sh start`);
-every test skips with the reason where it is not running. Jobs run this interpreter (its directory goes first
+The tests marked slurm need the test cluster of scripts/slurm_cluster.sh (.ci/run starts it:
+`sudo scripts/slurm_cluster.sh start`) and skip with the reason where it is not running; the first few read
+only SLURM's environment variables and run anywhere. Jobs run this interpreter (its directory goes first
 on PATH, which sbatch and srun pass on to the jobs) and this source tree (PYTHONPATH), on the synthetic data.
 """
 
@@ -20,9 +21,11 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import ROOT, TINY, TRAIN_PY, read_json
+from omegaconf import OmegaConf
 
-pytestmark = pytest.mark.slurm
+from conftest import ROOT, TINY, TRAIN_PY, read_json
+from mlplab.config import threads_for_job
+from mlplab.slurm import LaunchError, check_launch
 
 CLUSTER = ROOT / "scripts" / "slurm_cluster.sh"
 SBATCH = ROOT / "scripts" / "train.sbatch"
@@ -94,9 +97,58 @@ def wait_for_job(job: str, timeout: float = 240) -> None:
     pytest.fail(f"job {job} still in the queue after {timeout} s")
 
 
+# ------------------------------------------------------------------ SLURM's variables alone
+
+STEP = {"SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "python", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0"}
+
+
+def set_slurm_variables(monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]) -> None:
+    """SLURM's variables as `variables` alone (none of a job this test may run in)."""
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize(("variables", "devices", "message"), [
+    ({**STEP, "SLURM_NTASKS": "2"}, 2, r"srun -n/--ntasks=2 .* use --ntasks-per-node=2"),
+    ({**STEP, "SLURM_NTASKS": "1", "SLURM_CPUS_PER_TASK": "2"}, 2, r"trainer\.devices=2 x trainer\.num_nodes=1 needs 2"),
+    ({**STEP, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2"}, 1, r"needs 1 SLURM tasks, .* but this job step has 2"),
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "train.sbatch", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2"}, 2,
+     r"this job has 2 tasks but train\.py runs once, in the batch script: start it with srun"),
+], ids=["srun -n2", "srun -c2", "2 tasks, 1 device", "batch script without srun"])
+def test_launches_that_hang_or_run_too_few_ranks_are_refused(monkeypatch, variables, devices, message):
+    set_slurm_variables(monkeypatch, variables)
+    with pytest.raises(LaunchError, match=message):
+        check_launch(OmegaConf.create({"devices": devices, "num_nodes": 1}))
+
+
+@pytest.mark.parametrize("variables", [
+    {},  # no SLURM
+    {**STEP, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2"},  # srun --ntasks-per-node=2, trainer.devices=2
+    {"SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "train.sbatch"},  # a batch script without -n: the kit starts the ranks
+    {**STEP, "SLURM_JOB_NAME": "interactive", "SLURM_NTASKS": "1"},  # Lightning leaves SLURM alone there
+])
+def test_launches_that_work_pass(monkeypatch, variables):
+    set_slurm_variables(monkeypatch, variables)
+    check_launch(OmegaConf.create({"devices": 2, "num_nodes": 1}))
+
+
+@pytest.mark.parametrize(("variables", "threads"), [
+    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "3", "SLURM_CPUS_ON_NODE": "6"}, 3),
+    ({**STEP, "SLURM_CPUS_ON_NODE": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x3)"}, 2),  # no -c: the node's share
+    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "1", "SLURM_TASKS_PER_NODE": "1"}, 1),
+], ids=["-c3", "4 cores, 2 tasks", "batch, 1 core"])
+def test_torch_threads_follow_the_cores_slurm_gave_the_task(monkeypatch, variables, threads):
+    set_slurm_variables(monkeypatch, variables)
+    assert threads_for_job(None) == threads
+    assert threads_for_job(5) == 5  # torch_threads=5 wins
+
+
 # ------------------------------------------------------------------ sweeps
 
 
+@pytest.mark.slurm
 def test_submitit_slurm_sweep_runs_each_job_as_a_slurm_job_and_writes_its_report(cluster, env, tmp_path):
     sweep = tmp_path / "sweep"
     result = train(["-m", *TINY, "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=10",
@@ -108,6 +160,7 @@ def test_submitit_slurm_sweep_runs_each_job_as_a_slurm_job_and_writes_its_report
     assert len(list(sweep.glob(".submitit/*/*_log.out"))) == 2  # each job ran as a SLURM job, logged by submitit
 
 
+@pytest.mark.slurm
 def test_gpu_launcher_gives_each_rank_every_gpu_of_its_node(cluster, env, tmp_path):
     """conf/hydra/launcher/submitit_slurm_gpu.yaml with 2 tasks: a DDP sweep job on a node with 2 fake GPUs.
 
@@ -127,6 +180,7 @@ def test_gpu_launcher_gives_each_rank_every_gpu_of_its_node(cluster, env, tmp_pa
 # ------------------------------------------------------------------ srun
 
 
+@pytest.mark.slurm
 def test_srun_ddp_ranks_write_one_record_and_use_their_share_of_the_cores(cluster, env, tmp_path):
     run_dir, seen = tmp_path / "run", tmp_path / "ranks"
     result = train([*TINY, "trainer=ddp_cpu", f"hydra.run.dir={run_dir}", *record_ranks(seen)], env,
@@ -138,6 +192,7 @@ def test_srun_ddp_ranks_write_one_record_and_use_their_share_of_the_cores(cluste
     assert [(r["world_size"], r["slurm_procid"], r["threads"]) for r in ranks(seen)] == [(2, "0", 1), (2, "1", 1)]
 
 
+@pytest.mark.slurm
 @pytest.mark.parametrize(("launcher", "message"), [
     (["srun", "-n2"], r"^error: srun -n/--ntasks=2 does not tell Lightning the tasks per node: use --ntasks-per-node=2"),
     (["srun", "-c2"], r"^error: trainer\.devices=2 x trainer\.num_nodes=1 needs 2 SLURM tasks, one per device, but this "
@@ -175,6 +230,7 @@ def uninterrupted(cluster, data_root: Path, tmp_path_factory: pytest.TempPathFac
     return read_json(run_dir / "metrics.json")
 
 
+@pytest.mark.slurm
 @pytest.mark.parametrize("scancel", [["scancel"], ["scancel", "--signal=TERM"]], ids=["scancel", "scancel --signal=TERM"])
 def test_cancelled_batch_job_keeps_its_work_and_its_resume_command_finishes_the_run(cluster, env, tmp_path, scancel,
                                                                                      uninterrupted):
@@ -201,6 +257,7 @@ def test_cancelled_batch_job_keeps_its_work_and_its_resume_command_finishes_the_
     assert a["metrics"]["test/loss"] == b["metrics"]["test/loss"]
 
 
+@pytest.mark.slurm
 def test_cancelled_srun_ddp_ranks_stop_together(cluster, env, tmp_path):
     """scancel signals both ranks at once; they agree on the stop at one step instead of deadlocking in
     Lightning's SIGTERM handler until SLURM's SIGKILL."""

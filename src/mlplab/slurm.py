@@ -62,8 +62,7 @@ def check_launch(trainer_cfg: Any) -> None:
     """Raises LaunchError if SLURM started this process in a way that hangs or runs one process too few.
 
     Args:
-        trainer_cfg: the trainer config (cfg.trainer), read for its devices and nodes when srun started
-            this process.
+        trainer_cfg: the trainer config (cfg.trainer), read for `devices` and `num_nodes`.
     """
     if "SLURM_JOB_ID" not in os.environ or not SLURMEnvironment.detect():
         return
@@ -74,12 +73,13 @@ def check_launch(trainer_cfg: Any) -> None:
     if ntasks > 1 and "SLURM_NTASKS_PER_NODE" not in os.environ:  # Lightning refuses it, naming --ntasks
         raise LaunchError(f"srun -n/--ntasks={ntasks} does not tell Lightning the tasks per node: use "
                           f"--ntasks-per-node={ntasks} (and --nodes=N for several nodes) instead")
-    devices, nodes = trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1)
+    devices, nodes = trainer_cfg.devices, trainer_cfg.num_nodes  # devices: -1 or "auto" are Lightning's to count
     if isinstance(devices, int) and devices > 0 and isinstance(nodes, int) and devices * nodes != ntasks:
         raise LaunchError(
             f"trainer.devices={devices} x trainer.num_nodes={nodes} needs {devices * nodes} SLURM tasks, one per "
             f"device, but this job step has {ntasks}: use srun --ntasks-per-node={devices}"
-            + (f" --nodes={nodes}" if nodes > 1 else "") + " (--cpus-per-task/-c sets the cores of each task)")
+            + (f" --nodes={nodes}" if nodes > 1 else "") + " (-c/--cpus-per-task sets the cores of each task), "
+            "or set trainer.devices to the tasks per node")
 
 
 class SigtermTo(L.Callback):

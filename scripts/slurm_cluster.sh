@@ -95,6 +95,8 @@ SchedulerType=sched/backfill
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 KillWait=30
+# a job without --mem gets its cores' share of the memory, not the whole node (which would run jobs one at a time)
+DefMemPerCPU=$((mem / cpus))
 InactiveLimit=0
 MinJobAge=300
 GresTypes=gpu

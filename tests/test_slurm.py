@@ -161,6 +161,33 @@ def test_submitit_slurm_sweep_runs_each_job_as_a_slurm_job_and_writes_its_report
 
 
 @pytest.mark.slurm
+def test_a_job_cancelled_in_a_sweep_is_reported_interrupted_and_the_others_go_on(cluster, env, tmp_path):
+    sweep = tmp_path / "sweep"
+    first = sweep / "0"
+    sweep_process = subprocess.Popen(
+        [sys.executable, str(TRAIN_PY), "-m", *TINY, *LONG, "hydra/launcher=slurm", "hydra.launcher.timeout_min=10",
+         "seed=1,2", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (first / "checkpoints" / "last.ckpt").exists():
+            assert sweep_process.poll() is None, sweep_process.communicate()[1]
+            assert time.monotonic() < deadline, "job 0 saved no epoch in 240 s"
+            time.sleep(0.05)
+        [job_0] = [path.name for path in (sweep / ".submitit").glob("*_0")]  # <array job>_0, submitit's folder
+        subprocess.run(["scancel", job_0], check=True)
+        _, stderr = sweep_process.communicate(timeout=300)
+    finally:
+        if sweep_process.poll() is None:
+            sweep_process.kill()
+    assert sweep_process.returncode != 0  # a job that did not finish fails the sweep, at its end
+    assert "ended without a result" in stderr
+    assert [read_json(sweep / n / "metrics.json")["status"] for n in ("0", "1")] == ["interrupted", "ok"]
+    summary = (sweep / "summary.md").read_text()
+    assert "interrupted" in summary and "1 ok" in summary
+
+
+@pytest.mark.slurm
 def test_gpu_launcher_gives_each_rank_every_gpu_of_its_node(cluster, env, tmp_path):
     """conf/hydra/launcher/submitit_slurm_gpu.yaml with 2 tasks: a DDP sweep job on a node with 2 fake GPUs.
 

@@ -6,12 +6,15 @@ the sweep then ends there, with the other jobs' results and the sweep report los
 way to report one failed job (facebookresearch/hydra#1377), so this one returns it as train.py returns a failed
 job, None, and logs SLURM's reason; what the job saved is in its run dir (metrics.json "interrupted" after a
 SIGTERM) and the sweep report lists it. Everything else is the plugin's launch(), repeated here because the
-`results()` call sits at its end.
+`results()` call sits at its end. submitit also needs sacct to see that a job ended without a result: squeue
+answers here too (wait_until_out_of_the_queue).
 """
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -62,12 +65,37 @@ class KeepGoingSlurmLauncher(Launcher):
         n = len(job_overrides)
         jobs = executor.map_array(self.slurm, [list(o) for o in job_overrides], ["hydra.sweep.dir"] * n, numbers,
                                   [f"job_id_for_{number}" for number in numbers], [Singleton.get_state()] * n)
+        wait_until_out_of_the_queue(jobs)
         returns = []
         for number, overrides, job in zip(numbers, job_overrides, jobs):
             try:
+                if not job.paths.result_pickle.exists():
+                    raise submitit.core.utils.UncompletedJobError("it left SLURM's queue without one")
                 returns.append(job.results()[0])
-            except submitit.core.utils.UncompletedJobError as err:  # no result: SLURM ended the job
+            except submitit.core.utils.UncompletedJobError as err:  # SLURM ended the job: scancel, time limit, ...
                 log.error("job #%d (SLURM job %s) ended without a result: %s", number, job.job_id,
                           str(err).splitlines()[0])
                 returns.append(JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=None))
         return returns
+
+
+def wait_until_out_of_the_queue(jobs: Sequence[Any], grace_s: float = 30) -> None:
+    """Waits until each job has written its result, or has left SLURM's queue and `grace_s` have passed.
+
+    submitit learns that a job ended without a result from sacct alone; where SLURM keeps no accounting
+    (sacct: "Slurm accounting storage is disabled", as on the cluster of scripts/slurm_cluster.sh) it
+    waits for such a job forever. squeue lists the jobs still pending, running or completing; the grace
+    lets a result written just before a job's end reach a shared file system.
+    """
+    left: dict[str, float] = {}  # job id -> when it was first seen out of the queue
+    while True:
+        now = time.monotonic()
+        waiting = [job for job in jobs
+                   if not job.paths.result_pickle.exists() and now - left.get(job.job_id, now) < grace_s]
+        if not waiting:
+            return
+        for job in waiting:
+            queued = subprocess.run(["squeue", "-h", "-j", job.job_id], capture_output=True, text=True).stdout.strip()
+            if not queued:
+                left.setdefault(job.job_id, now)
+        time.sleep(2)

@@ -196,12 +196,13 @@ class StopRequest(L.Callback):
     """Stops every DDP rank at the same training step when any of them was asked to stop.
 
     In a rank started by run_ranks, Ctrl-C (SIGINT) and SIGTERM (passed on as SIGUSR1), and in a task
-    srun started, SIGTERM itself (see mlplab.slurm.SigtermTo), only note the request; at the start of each training step the ranks agree on it (one all-reduce) and all raise
-    together: KeyboardInterrupt or SIGTERMException, which Lightning and run() then handle as in one
-    process. Raising where a signal lands, as Lightning does, lets one rank leave for its shutdown
-    while another waits in a collective for it: with Lightning's SIGTERM handler, which broadcasts
-    from inside the handler, two CPU ranks were seen to deadlock. A request that comes after the last
-    training step is not acted on: the job finishes its test.
+    srun started, SIGTERM itself (see mlplab.slurm.SigtermTo), only note the request; at the start of
+    each training step the ranks agree on it (one all-reduce) and all raise together: KeyboardInterrupt
+    or SIGTERMException, which Lightning and run() then handle as in one process. Raising where a
+    signal lands, as Lightning does, lets one rank leave for its shutdown while another waits in a
+    collective for it: with Lightning's SIGTERM handler, which broadcasts from inside the handler, two
+    CPU ranks were seen to deadlock. A request that comes after the last training step is not acted
+    on: the job finishes its test.
     """
 
     def __init__(self) -> None:

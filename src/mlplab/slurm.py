@@ -55,7 +55,8 @@ def cores_of_task() -> int | None:
     if "SLURM_CPUS_PER_TASK" in os.environ:
         return int(os.environ["SLURM_CPUS_PER_TASK"])
     cores = int(os.environ.get("SLURM_CPUS_ON_NODE", os.cpu_count() or 1))
-    return max(1, cores // _tasks("SLURM_STEP_TASKS_PER_NODE" if "SLURM_STEP_ID" in os.environ else "SLURM_TASKS_PER_NODE"))
+    tasks = _tasks("SLURM_STEP_TASKS_PER_NODE" if "SLURM_STEP_ID" in os.environ else "SLURM_TASKS_PER_NODE")
+    return max(1, cores // tasks)
 
 
 def check_launch(trainer_cfg: Any) -> None:

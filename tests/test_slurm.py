@@ -153,20 +153,8 @@ def test_torch_threads_follow_the_cores_slurm_gave_the_task(monkeypatch, variabl
 
 
 @pytest.mark.slurm
-def test_submitit_slurm_sweep_runs_each_job_as_a_slurm_job_and_writes_its_report(cluster, env, tmp_path):
-    sweep = tmp_path / "sweep"
-    result = train(["-m", *TINY, "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=10",
-                    "activation=relu,tanh", f"hydra.sweep.dir={sweep}"], env)
-    assert result.returncode == 0, result.stderr
-    records = sorted((read_json(path) for path in sweep.glob("*/metrics.json")),
-                     key=lambda record: record["choices"]["activation"])
-    assert [(r["choices"]["activation"], r["status"]) for r in records] == [("relu", "ok"), ("tanh", "ok")]
-    assert "2 jobs under" in (sweep / "summary.md").read_text()
-    assert len(list(sweep.glob(".submitit/*/*_log.out"))) == 2  # each job ran as a SLURM job, logged by submitit
-
-
-@pytest.mark.slurm
 def test_a_job_cancelled_in_a_sweep_is_reported_interrupted_and_the_others_go_on(cluster, env, tmp_path):
+    """A submitit sweep on SLURM (hydra/launcher=slurm): each job a SLURM job, the report written at the end."""
     sweep = tmp_path / "sweep"
     first = sweep / "0"
     sweep_process = subprocess.Popen(
@@ -226,14 +214,12 @@ def test_srun_ddp_ranks_write_one_record_and_use_their_share_of_the_cores(cluste
 
 @pytest.mark.slurm
 @pytest.mark.parametrize(("launcher", "message"), [
-    (["srun", "-n2"],
-     r"^error: srun -n/--ntasks=2 does not tell Lightning the tasks per node: use --ntasks-per-node=2"),
     (["srun", "-c2"],
      r"^error: trainer\.devices=2 x trainer\.num_nodes=1 needs 2 SLURM tasks, one per device, but this "
                       r"job step has 1: use srun --ntasks-per-node=2"),
     (["sbatch", "--ntasks-per-node=2", "--wait", "--wrap"],
      r"^error: this job has 2 tasks but train\.py runs once, in the batch script: start it with srun"),
-], ids=["srun -n2", "srun -c2", "sbatch without srun"])
+], ids=["srun -c2", "sbatch without srun"])  # srun -n2: SLURM's variables alone, above
 def test_wrong_launches_fail_at_once_naming_the_fix(cluster, env, tmp_path, launcher, message):
     args = [*TINY, "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'run'}"]
     if launcher[0] == "sbatch":  # --wrap takes the command as one string; the job's output goes to a file

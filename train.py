@@ -49,7 +49,7 @@ def main(cfg: DictConfig) -> float | None:
             log.error("job failed: %s: %s (recorded in %s/metrics.json)", type(err).__name__, err, cfg.output_dir)
             return None
         if isinstance(err, EXPECTED_ERRORS):
-            sys.exit(f"error: {err}")
+            sys.exit(f"error: {err}" if launcher_rank() == 0 else 1)  # under srun or torchrun: one line, rank 0's
         raise
     metrics = record["metrics"]
     if launcher_rank() != 0:  # under torchrun or srun every rank runs this script: rank 0 reports

@@ -88,9 +88,10 @@ def test_submitit_slurm_gpu_config_writes_the_sbatch_script_it_promises(data_roo
     assert result.returncode != 0 and "no cluster in a test" in result.stderr
     lines = set(script.read_text().splitlines())
     for line in ("#SBATCH --partition=gpu", "#SBATCH --time=30", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
-                 "#SBATCH --gpus-per-task=1", "#SBATCH --cpus-per-task=4", "#SBATCH --mem=16GB",
+                 "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=2", "#SBATCH --mem=16GB",
                  "#SBATCH --array=0-1%2"):
         assert line in lines, line
+    assert not any(line.startswith("#SBATCH --gpus-per-task") for line in lines)  # it binds one GPU to each rank
 
 
 def test_optuna_search_records_every_trial_in_the_study_and_the_report(data_root, tmp_path):

@@ -24,6 +24,7 @@ from mlplab.data import ImageClassificationData
 from mlplab.fast_path import FastPathClassifier, fast_path_refusals
 from mlplab.module import Classifier
 from mlplab.rundir import writable_dir_error
+from mlplab.slurm import cores_of_task
 
 
 SEED_MAX = 2**32 - 1  # numpy's seeds are uint32: Lightning's seed_everything refuses the rest with a traceback
@@ -143,14 +144,16 @@ def threads_for_job(configured: int | None) -> int | None:
     Side by side run hydra/launcher=joblib's n_jobs workers, each with its DDP ranks on this node
     (LOCAL_WORLD_SIZE, set by torchrun and by mlplab.launch). Under joblib each worker would otherwise
     start one thread per core, and jobs sharing cores that way were seen to run many times slower than
-    one alone (issue #3). None leaves torch's default (one thread per core) for a process that runs alone.
+    one alone (issue #3). In a SLURM job the cores are the task's (mlplab.slurm.cores_of_task). None leaves
+    torch's default (one thread per core) for a process that runs alone outside SLURM.
     """
     if configured is not None:
         return configured
-    cores = os.cpu_count() or 1
+    slurm_cores = cores_of_task()  # None outside a SLURM job
+    cores = slurm_cores or os.cpu_count() or 1
     n_jobs = 1
     if HydraConfig.initialized():
         n_jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs", default=1)  # only joblib has n_jobs
         n_jobs = cores if n_jobs < 0 else n_jobs  # joblib: -1 means one job per core
     processes = n_jobs * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, cores // processes) if processes > 1 else None
+    return max(1, cores // processes) if processes > 1 or slurm_cores is not None else None

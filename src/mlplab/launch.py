@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab.record import read_metrics
+from mlplab.slurm import SigtermTo, in_step
 from mlplab.train import interrupted_message, run
 
 
@@ -42,6 +43,9 @@ def launch(cfg: DictConfig) -> dict[str, Any]:
     """
     if (ranks := ranks_to_start(cfg)) > 0:
         return run_ranks(cfg, ranks)
+    if in_step():  # scancel signals every rank srun started: they stop together, as run_ranks' ranks do
+        stop = StopRequest()
+        return run(cfg, extra_callbacks=[stop, SigtermTo(stop.request)])
     return run(cfg)
 
 
@@ -191,13 +195,14 @@ def _rank_main(rank: int, cfg: DictConfig, hydra_cfg: dict[str, Any] | None, env
 class StopRequest(L.Callback):
     """Stops every DDP rank at the same training step when any of them was asked to stop.
 
-    In a rank started by run_ranks, Ctrl-C (SIGINT) and SIGTERM (passed on as SIGUSR1) only note the
-    request; at the start of each training step the ranks agree on it (one all-reduce) and all raise
-    together: KeyboardInterrupt or SIGTERMException, which Lightning and run() then handle as in one
-    process. Raising where a signal lands, as Lightning does, lets one rank leave for its shutdown
-    while another waits in a collective for it: with Lightning's SIGTERM handler, which broadcasts
-    from inside the handler, two CPU ranks were seen to deadlock. A request that comes after the last
-    training step is not acted on: the job finishes its test.
+    In a rank started by run_ranks, Ctrl-C (SIGINT) and SIGTERM (passed on as SIGUSR1), and in a task
+    srun started, SIGTERM itself (see mlplab.slurm.SigtermTo), only note the request; at the start of
+    each training step the ranks agree on it (one all-reduce) and all raise together: KeyboardInterrupt
+    or SIGTERMException, which Lightning and run() then handle as in one process. Raising where a
+    signal lands, as Lightning does, lets one rank leave for its shutdown while another waits in a
+    collective for it: with Lightning's SIGTERM handler, which broadcasts from inside the handler, two
+    CPU ranks were seen to deadlock. A request that comes after the last training step is not acted
+    on: the job finishes its test.
     """
 
     def __init__(self) -> None:
@@ -206,7 +211,7 @@ class StopRequest(L.Callback):
         signal.signal(signal.SIGUSR1, self.request)
 
     def request(self, signum: int, frame: Any) -> None:
-        self.requested = max(self.requested, 2 if signum == signal.SIGUSR1 else 1)
+        self.requested = max(self.requested, 2 if signum in (signal.SIGUSR1, signal.SIGTERM) else 1)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:

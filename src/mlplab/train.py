@@ -28,9 +28,10 @@ from mlplab.record import ConfigInCheckpoint, EpochHistory, environment, read_hi
 from mlplab.report import RANK_BY, epochs_to_reach
 from mlplab.resume import ResumeError, RunFolder, check_resume, continue_command, record_is_worse, still_good
 from mlplab.rundir import HISTORY_FILE, RESOLVED_CONFIG_FILE, launcher_rank
+from mlplab.slurm import LaunchError, check_launch
 
 # Errors whose message already says what to do: printed as one line, without a traceback.
-EXPECTED_ERRORS = (ConfigError, DataError, DivergenceError, ResumeError, WriteError)
+EXPECTED_ERRORS = (ConfigError, DataError, DivergenceError, ResumeError, WriteError, LaunchError)
 
 
 def hydra_job_info() -> dict[str, Any]:
@@ -81,6 +82,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
     try:
         # check
         check_config(cfg)
+        check_launch(cfg.trainer)
         replan = check_resume(cfg) if cfg.ckpt_path is not None else None
         OmegaConf.save(cfg, out / RESOLVED_CONFIG_FILE, resolve=True)
         # seed
@@ -117,10 +119,10 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         return record
     except SIGTERMException as err:  # Lightning raises it at the next step after SIGTERM
         record["status"], record["error"] = "interrupted", "SIGTERM"
-        raise SystemExit(interrupted_message(out, "SIGTERM")) from err
+        raise SystemExit(interrupted_message(out, "SIGTERM") if launcher_rank() == 0 else 1) from err
     except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into sys.exit(1) after shutting down
         record["status"], record["error"] = "interrupted", "SIGINT (Ctrl-C)"
-        raise SystemExit(interrupted_message(out, "SIGINT (Ctrl-C)")) from err
+        raise SystemExit(interrupted_message(out, "SIGINT (Ctrl-C)") if launcher_rank() == 0 else 1) from err
     except WriteError as err:  # a full disk, most often; the previous version of every file is whole
         record["error"] = f"WriteError: {err}"
         failed_write = err

@@ -22,13 +22,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from mlplab.atomic import AtomicCheckpointIO
 from mlplab.data import ImageClassificationData
 from mlplab.fast_path import FastPathClassifier, fast_path_refusals
-from mlplab.module import Classifier
+from mlplab.module import EPOCH_METRICS, Classifier
 from mlplab.rundir import writable_dir_error
 from mlplab.slurm import cores_of_task
 
 
 SEED_MAX = 2**32 - 1  # numpy's seeds are uint32: Lightning's seed_everything refuses the rest with a traceback
-MONITORABLE = ("val/acc", "val/loss", "val/entropy_bits", "train/acc", "train/loss")  # Classifier's epoch metrics
 
 
 class ConfigError(ValueError):
@@ -113,8 +112,8 @@ def check_config(cfg: DictConfig) -> None:
     threads = cfg.torch_threads
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"torch_threads={threads!r} must be an integer >= 1, or null for torch's default")
-    if cfg.monitor not in MONITORABLE:  # else ModelCheckpoint fails only at the end of the first epoch
-        raise ConfigError(f"monitor={cfg.monitor!r} is not a metric of each epoch: choose one of {list(MONITORABLE)}")
+    if cfg.monitor not in EPOCH_METRICS:  # else ModelCheckpoint fails only at the end of the first epoch
+        raise ConfigError(f"monitor={cfg.monitor!r} is not a metric of each epoch: choose one of {list(EPOCH_METRICS)}")
     hidden = OmegaConf.select(cfg, "model.hidden_sizes")
     if not isinstance(hidden, ListConfig):  # else list(None) fails in MLP with a message that names no key
         raise ConfigError(f"model.hidden_sizes={hidden!r} must be a list of positive integers ([] for none)")

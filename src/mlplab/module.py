@@ -18,6 +18,10 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from mlplab.information import entropy_from_logits
 
 
+# What Classifier logs once an epoch, whatever the path: the values `monitor` may pick
+EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/entropy_bits")
+
+
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
 

@@ -19,7 +19,7 @@ from mlplab.information import entropy_from_logits
 
 
 # What Classifier logs once an epoch, whatever the path: the values `monitor` may pick
-EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/entropy_bits")
+EPOCH_METRICS = ("val/acc", "val/loss", "val/entropy_bits", "train/acc", "train/loss")
 
 
 class DivergenceError(RuntimeError):

@@ -150,3 +150,11 @@ def test_norm_and_init_train_resume_and_evaluate(overrides, data_root, tmp_path)
     if "model.norm=batch" in overrides:
         state = torch.load(last, weights_only=True)["state_dict"]
         assert "model.layers.1.running_mean" in state and state["model.layers.1.num_batches_tracked"] > 0
+
+
+def test_a_model_without_hidden_layers_has_nothing_to_describe(data_root, tmp_path):
+    """Softmax regression: no hidden layer, no diagnostics, and the run goes on."""
+    assert layer_statistics(MLP(12, 4, hidden_sizes=[], activation=nn.ReLU()), CE, torch.randn(8, 12),
+                            torch.randint(0, 4, (8,)), 0.01) == {}
+    record = run(compose_config(["model=softmax_regression"], tmp_path, data_root))
+    assert record["status"] == "ok" and not any(k.startswith("diagnostics/") for k in record["metrics"])

@@ -50,6 +50,8 @@ def layer_statistics(model: nn.Module, loss: nn.Module, x: Tensor, y: Tensor,
         saturation_threshold: |f'(z)| below it counts as saturated.
     """
     layers = model.hidden_layers
+    if not layers:  # softmax regression: no hidden layer to describe
+        return {}
     seen: dict[int, tuple[Tensor, Tensor]] = {}  # layer index -> (activation input z, output a), each (N, H)
 
     def keep(i: int):
@@ -107,6 +109,8 @@ class LayerDiagnostics(L.Callback):
                                       self.saturation_threshold)
         finally:
             model.train(was_training)
+        if not values:
+            return
         # Equal on every rank (same probe, same weights, same running statistics): sync_dist only quiets
         # Lightning's advice to reduce epoch values under DDP.
         pl_module.log_dict(values, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)

@@ -35,7 +35,7 @@ from mlplab.train import EXPECTED_ERRORS, run
     (["model.hidden_sizes=[200,-1]"], r"model\.hidden_sizes=\[200, -1\] must be a list of positive integers"),
     (["model.dropout=1.0"], r"model\.dropout=1\.0 must be in \[0, 1\)"),
     (["model.dropout=-0.5"], r"model\.dropout=-0\.5 must be in \[0, 1\)"),
-    (["model.init=orthogonal"], r"model\.init='orthogonal' is not one of \['kaiming_normal', 'xavier', 'normal', "
+    (["model.init=orthogonal"], r"model\.init='orthogonal' is not one of \['kaiming_normal', 'lecun_normal', 'xavier', 'normal', "
                                 r"'default'\]"),
     (["data.val_size=60000"], r"data\.val_size=60000 must be an integer in \[1, 59999\]"),
     (["data.val_size=0"], r"data\.val_size=0 must be an integer in \[1, 59999\]"),

@@ -188,7 +188,8 @@ class ParameterHistograms(L.Callback):
         self.every_n_epochs = every_n_epochs
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step == 0 and trainer.is_global_zero and trainer.logger is not None:  # not on a resume
+        if (trainer.global_step == 0 and trainer.is_global_zero  # not on a resume
+                and isinstance(trainer.logger, TensorBoardLogger)):
             for name, param in pl_module.named_parameters():
                 add_histogram(trainer.logger.experiment, f"weights/{name}", param, 0)
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mlplab.atomic import AtomicCheckpointIO
 from mlplab.data import ImageClassificationData
-from mlplab.fast_path import FastPathClassifier, fast_path_refusals
+from mlplab.fast_path import FastPathClassifier, fast_path_refusals, train_step_limit
 from mlplab.module import EPOCH_METRICS, Classifier
 from mlplab.rundir import writable_dir_error
 from mlplab.slurm import cores_of_task
@@ -52,12 +52,6 @@ def build_model(cfg: DictConfig, datamodule: ImageClassificationData) -> torch.n
 def fast_path(cfg: DictConfig) -> bool:
     """Whether cfg runs the fast path (mlplab.fast_path): several optimiser steps per Lightning batch."""
     return cfg.data.steps_per_call > 1
-
-
-def train_step_limit(cfg: DictConfig) -> int | None:
-    """trainer.limit_train_batches when it is a number of batches (an int), else None."""
-    limit = cfg.trainer.limit_train_batches
-    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
 
 
 def build_module(cfg: DictConfig, datamodule: ImageClassificationData) -> Classifier:

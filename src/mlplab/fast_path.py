@@ -71,12 +71,18 @@ REFUSED_TRAINER_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 
 
+def train_step_limit(cfg: DictConfig) -> int | None:
+    """trainer.limit_train_batches when it is a number of batches (an int), else None."""
+    limit = cfg.trainer.limit_train_batches
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
 def fast_path_refusals(cfg: DictConfig) -> list[str]:
     """What in `cfg` cannot work with data.steps_per_call > 1: one message per key, each naming the fix."""
     refusals = []
     for key, (inert, fix) in REFUSED_TRAINER_KEYS.items():
         value = OmegaConf.select(cfg, f"trainer.{key}", default=None)
-        if key == "limit_train_batches" and isinstance(value, int) and not isinstance(value, bool):
+        if key == "limit_train_batches" and train_step_limit(cfg) is not None:
             continue  # a number of steps: see FastPathClassifier's limit_train_batches
         if value not in inert:
             refusals.append(f"trainer.{key}={value} counts Lightning batches, which hold "

@@ -244,3 +244,20 @@ def test_divergence_names_the_first_bad_step_whatever_the_logging_interval(steps
                           "optimizer.lr=inf"], tmp_path, data_root)
     with pytest.raises(DivergenceError, match=r"training loss is nan at epoch 0, step 1 "):
         run(cfg)
+
+
+@pytest.mark.parametrize(("steps_per_call", "warned"), [(1, True), (8, False)])
+def test_few_batches_warning_is_silenced_for_fast_path_fits_alone(steps_per_call, warned, data_root, tmp_path):
+    """debug=tiny's 32 steps an epoch are fewer than log_every_n_steps=50: a true warning on the textbook
+    path (32 batches); on the fast path log_every_n_steps counts steps, not its 4 batches, and no warning
+    applies. The silencing ends with the fit."""
+    import warnings
+
+    cfg = compose_config([f"data.steps_per_call={steps_per_call}", "~callbacks.parameter_histograms",
+                          "~callbacks.test_figures"], tmp_path, data_root)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        run(cfg)
+        assert warnings.filters == before
+    assert any("smaller than the logging interval" in str(w.message) for w in seen) == warned

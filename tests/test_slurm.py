@@ -271,11 +271,7 @@ def test_cancelled_batch_job_keeps_its_work_and_its_resume_command_finishes_the_
     resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    a, b = read_json(run_dir / "metrics.json"), uninterrupted
-    assert a["status"] == "ok" and a["epochs"] == b["epochs"] == 5
-    assert [r["val/acc"] for r in a["history"]] == [r["val/acc"] for r in b["history"]]
-    assert [r["val/loss"] for r in a["history"]] == [r["val/loss"] for r in b["history"]]
-    assert a["metrics"]["test/loss"] == b["metrics"]["test/loss"]
+    assert_same_run(read_json(run_dir / "metrics.json"), uninterrupted)
 
 
 @pytest.mark.slurm
@@ -305,3 +301,61 @@ def cancel_after_first_epoch(job_id: str, run_dir: Path, scancel: list[str]) -> 
         time.sleep(0.05)
     subprocess.run([*scancel, job_id], check=True)
     wait_for_job(job_id)
+
+
+# ------------------------------------------------------------------ time limits and requeue
+# SLURM warns a job of its time limit with a signal (scripts/train.sbatch: --signal=USR1@120; submitit:
+# USR2, signal_delay_s before it). A real limit's warning comes a minute or more after the start; here it is
+# sent with `scancel --signal` once the first epoch is saved, which reaches the job's tasks the same way.
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    """Two metrics.json records of the LONG run that must have trained alike, bit for bit."""
+    assert a["status"] == "ok" and a["epochs"] == b["epochs"] == 5
+    assert [r["val/acc"] for r in a["history"]] == [r["val/acc"] for r in b["history"]]
+    assert [r["val/loss"] for r in a["history"]] == [r["val/loss"] for r in b["history"]]
+    assert a["metrics"]["test/loss"] == b["metrics"]["test/loss"]
+
+
+@pytest.mark.slurm
+def test_batch_job_at_its_time_limit_is_requeued_and_continues_in_its_run_dir(cluster, env, tmp_path, uninterrupted):
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = subprocess.run(["sbatch", "--parsable", f"--output={log}", str(SBATCH), *TINY, *LONG,
+                          f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    job_id = job.stdout.strip().split(";")[0]
+    cancel_after_first_epoch(job_id, run_dir, ["scancel", "--signal=USR1"])  # waits for the requeued attempt too
+    record = read_json(run_dir / "metrics.json")
+    assert record["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt"), "the run finished before the signal"
+    assert record["slurm"] == {"job_id": job_id, "restarts": 1}
+    assert_same_run(record, uninterrupted)
+    output = log.read_text()  # both attempts' (--open-mode=append)
+    assert "SLURM's time limit is near" in output and f"requeued SLURM job {job_id}" in output, output
+    assert "SLURM requeued this job (restart 1): continuing from" in output
+
+
+@pytest.mark.slurm
+def test_sweep_job_at_its_time_limit_is_requeued_by_submitit_and_continues_in_its_job_dir(cluster, env, tmp_path,
+                                                                                         uninterrupted):
+    sweep = tmp_path / "sweep"
+    sweep_process = subprocess.Popen(
+        [sys.executable, str(TRAIN_PY), "-m", *TINY, *LONG, "hydra/launcher=slurm", "hydra.launcher.timeout_min=10",
+         f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (sweep / "0" / "checkpoints" / "last.ckpt").exists():
+            assert sweep_process.poll() is None, sweep_process.communicate()[1]
+            assert time.monotonic() < deadline, "the job saved no epoch in 240 s"
+            time.sleep(0.05)
+        [job_id] = [path.name for path in (sweep / ".submitit").glob("*_0")]
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        stdout, stderr = sweep_process.communicate(timeout=300)
+    finally:
+        if sweep_process.poll() is None:
+            sweep_process.kill()
+    assert sweep_process.returncode == 0, stderr
+    record = read_json(sweep / "0" / "metrics.json")
+    assert record["resumed_from"] == str(sweep / "0" / "checkpoints" / "last.ckpt"), "the run finished before USR2"
+    assert record["slurm"] == {"job_id": job_id, "restarts": 1}
+    assert_same_run(record, uninterrupted)
+    assert f"1 job under {sweep}: 1 ok." in (sweep / "summary.md").read_text()

@@ -17,6 +17,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mlplab.atomic import AtomicCheckpointIO
@@ -24,7 +25,7 @@ from mlplab.data import ImageClassificationData
 from mlplab.fast_path import FastPathClassifier, fast_path_refusals, train_step_limit
 from mlplab.module import EPOCH_METRICS, Classifier
 from mlplab.rundir import writable_dir_error
-from mlplab.slurm import cores_of_task
+from mlplab.slurm import cores_of_task, in_step
 
 
 SEED_MAX = 2**32 - 1  # numpy's seeds are uint32: Lightning's seed_everything refuses the rest with a traceback
@@ -88,8 +89,11 @@ def build_trainer(cfg: DictConfig, callbacks: Sequence[L.Callback], logger: Any)
         if (limit := train_step_limit(cfg)) is not None:
             handed_over["limit_train_batches"] = math.ceil(limit / cfg.data.steps_per_call)
     # checkpoints written atomically in their own folder, whatever filesystem it is on (mlplab.atomic)
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if in_step():  # the kit stops and requeues on the time-limit signal (mlplab.launch), at an epoch's checkpoint;
+        plugins.append(SLURMEnvironment(auto_requeue=False))  # Lightning's requeue saves mid-epoch (hpc_ckpt)
     return build(cfg, "trainer", logger=logger, callbacks=list(callbacks), default_root_dir=cfg.output_dir,
-                 plugins=[AtomicCheckpointIO()], **handed_over)
+                 plugins=plugins, **handed_over)
 
 
 def check_config(cfg: DictConfig) -> None:

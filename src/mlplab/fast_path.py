@@ -54,8 +54,9 @@ from mlplab.module import Classifier
 
 # Lightning warns when an epoch has fewer batches than trainer.log_every_n_steps. Here each of its batches
 # holds data.steps_per_call optimiser steps and the kit counts log_every_n_steps in steps, so an epoch of a
-# few groups still logs train/loss_step every log_every_n_steps steps: the warning does not apply.
-warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+# few groups still logs train/loss_step every log_every_n_steps steps: the warning does not apply to a fit
+# of FastPathClassifier, and is silenced for that fit alone (setup/teardown); the textbook path keeps it.
+FEW_BATCHES_WARNING = r"The number of training batches \(\d+\) is smaller than the logging interval"
 
 # The count behind trainer.global_step in manual optimisation: Lightning's optimizer wrapper keeps it
 # (Lightning-AI/pytorch-lightning#11848); the plain step keeps it here.
@@ -173,6 +174,7 @@ class FastPathClassifier(Classifier):
         self.limit_train_batches = limit_train_batches
         self.plain_backward = self.plain_step = False  # set when fitting starts
         self.epoch_steps = 0  # optimiser steps taken in the current epoch
+        self.fit_warnings: warnings.catch_warnings | None = None  # the filters as they were before this fit
 
     def training_step(self, batches: Iterable[tuple[Tensor, Tensor]], batch_idx: int) -> None:
         # One optimiser step per (x (B, D), y (B,)) batch of the group. Through manual_backward and Lightning's
@@ -243,6 +245,17 @@ class FastPathClassifier(Classifier):
         if self.gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val,
                                 gradient_clip_algorithm=self.gradient_clip_algorithm)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # before the fit loop's check (see FEW_BATCHES_WARNING); restored in teardown
+            self.fit_warnings = warnings.catch_warnings()
+            self.fit_warnings.__enter__()
+            warnings.filterwarnings("ignore", message=FEW_BATCHES_WARNING)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self.fit_warnings is not None:
+            self.fit_warnings.__exit__(None, None, None)
+            self.fit_warnings = None
 
     def on_fit_start(self) -> None:
         step_counter(self.trainer)  # fails here, naming the attribute, if Lightning moved it

@@ -31,22 +31,62 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab.record import read_metrics
-from mlplab.slurm import SigtermTo, in_step
+from mlplab.record import read_history, read_metrics
+from mlplab.resume import checkpoint_to_resume
+from mlplab.rundir import HISTORY_FILE, launcher_rank
+from mlplab.slurm import SigtermTo, TimeLimitStop, in_step, requeue, restart_count, time_limit_signal
 from mlplab.train import interrupted_message, run
+
+log = logging.getLogger(__name__)
 
 
 def launch(cfg: DictConfig) -> dict[str, Any]:
     """Runs the job of `cfg` (fit, test, record) and returns its metrics.json record.
 
     In this process, or, where Lightning would start DDP ranks itself, in ranks spawned here (run_ranks).
+    In a job SLURM has requeued, the run continues from the checkpoint its earlier attempt left.
     """
+    out = Path(cfg.output_dir)
+    if (ckpt_path := checkpoint_to_resume(out, cfg.ckpt_path)) != cfg.ckpt_path:
+        log.info("SLURM requeued this job (restart %d): continuing from %s", restart_count(), ckpt_path)
+        cfg.ckpt_path = ckpt_path
     if (ranks := ranks_to_start(cfg)) > 0:
         return run_ranks(cfg, ranks)
-    if in_step():  # scancel signals every rank srun started: they stop together, as run_ranks' ranks do
-        stop = StopRequest()
+    if not in_step():
+        return run(cfg)
+    # scancel signals every rank srun started: they stop together, as run_ranks' ranks do; so does the signal
+    # SLURM sends before the job's time limit, after which the job is requeued (run_until_time_limit)
+    limit = time_limit_signal()
+    submitit_handler = signal.getsignal(limit) if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" else None
+    stop = StopRequest({signal.SIGINT: StopRequest.INTERRUPT, signal.SIGTERM: StopRequest.TERMINATE,
+                        limit: StopRequest.TIME_LIMIT})
+    epochs_before = len(read_history(out / HISTORY_FILE))
+    try:
         return run(cfg, extra_callbacks=[stop, SigtermTo(stop.request)])
-    return run(cfg)
+    except SystemExit as err:
+        if stop.agreed != StopRequest.TIME_LIMIT or launcher_rank() != 0:
+            raise
+        raise SystemExit(f"{err.code}\n{requeue_after_time_limit(cfg, limit, submitit_handler, epochs_before)}") \
+            from err
+
+
+def requeue_after_time_limit(cfg: DictConfig, limit: signal.Signals, submitit_handler: Any, epochs_before: int) -> str:
+    """Requeues a job stopped by SLURM's time-limit signal, where this attempt finished an epoch; says what it did.
+
+    A job whose attempt finished no epoch is not requeued: the next attempt would start from the same
+    checkpoint and stop at the same point, for ever.
+    """
+    out = Path(cfg.output_dir)
+    epochs = len(read_history(out / HISTORY_FILE))
+    if epochs <= epochs_before:
+        return (f"{limit.name}: SLURM's time limit is near, and this attempt finished no epoch: the job is not "
+                "requeued, as the next attempt would stop at the same point. Give the job more time (sbatch "
+                "--time, hydra.launcher.timeout_min) and continue it with the command above")
+    line = (f"{limit.name}: SLURM's time limit is near; {epochs} epochs are saved. The requeued job continues from "
+            f"{out / 'checkpoints' / 'last.ckpt'} into {out}")
+    if submitit_handler is not None:  # submitit's handler requeues and exits: say it first
+        print(line, file=sys.stderr, flush=True)
+    return f"{line}: {requeue(limit, submitit_handler)}"
 
 
 def started_externally() -> bool:
@@ -172,7 +212,8 @@ def run_ranks(cfg: DictConfig, ranks: int) -> dict[str, Any]:
 def _rank_main(rank: int, cfg: DictConfig, hydra_cfg: dict[str, Any] | None, env: dict[str, str],
                reports: Any) -> None:
     """One spawned DDP rank: the Hydra job's config and torchrun's variables, then all of run(cfg)."""
-    stop = StopRequest()  # first: from here on a signal waits for the next training step
+    # first: from here on a signal waits for the next training step
+    stop = StopRequest({signal.SIGINT: StopRequest.INTERRUPT, signal.SIGUSR1: StopRequest.TERMINATE})
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     rank_zero_only.rank = rank  # before the Trainer exists: only rank 0 prints its messages
     if hydra_cfg is not None:  # run() reads the job's choices, overrides and output dir from Hydra
@@ -195,23 +236,30 @@ def _rank_main(rank: int, cfg: DictConfig, hydra_cfg: dict[str, Any] | None, env
 class StopRequest(L.Callback):
     """Stops every DDP rank at the same training step when any of them was asked to stop.
 
-    In a rank started by run_ranks, Ctrl-C (SIGINT) and SIGTERM (passed on as SIGUSR1), and in a task
-    srun started, SIGTERM itself (see mlplab.slurm.SigtermTo), only note the request; at the start of
-    each training step the ranks agree on it (one all-reduce) and all raise together: KeyboardInterrupt
-    or SIGTERMException, which Lightning and run() then handle as in one process. Raising where a
-    signal lands, as Lightning does, lets one rank leave for its shutdown while another waits in a
-    collective for it: with Lightning's SIGTERM handler, which broadcasts from inside the handler, two
-    CPU ranks were seen to deadlock. A request that comes after the last training step is not acted
-    on: the job finishes its test.
+    The signals given (in a rank started by run_ranks: Ctrl-C, and SIGTERM passed on as SIGUSR1; in a task
+    srun started: Ctrl-C, SIGTERM, see mlplab.slurm.SigtermTo, and SLURM's time-limit signal) only note the
+    request; at the start of each training step the ranks agree on it (one all-reduce of the strongest
+    request) and all raise together: KeyboardInterrupt, SIGTERMException or TimeLimitStop, which Lightning
+    and run() then handle as in one process. Raising where a signal lands, as Lightning does, lets one rank
+    leave for its shutdown while another waits in a collective for it: with Lightning's SIGTERM handler,
+    which broadcasts from inside the handler, two CPU ranks were seen to deadlock. A request that comes
+    after the last training step is not acted on: the job finishes its test.
+
+    Args:
+        signals: {signal: what it asks for (TIME_LIMIT, INTERRUPT or TERMINATE)}; a handler is set for each.
     """
 
-    def __init__(self) -> None:
-        self.requested = 0  # 0: none, 1: Ctrl-C, 2: SIGTERM
-        signal.signal(signal.SIGINT, self.request)
-        signal.signal(signal.SIGUSR1, self.request)
+    TIME_LIMIT, INTERRUPT, TERMINATE = 1, 2, 3  # when several come, the strongest wins: scancel beats the rest
+
+    def __init__(self, signals: dict[int, int]) -> None:
+        self.levels = dict(signals)
+        self.requested = 0  # 0: none
+        self.agreed = 0  # what the ranks stopped for
+        for signum in signals:
+            signal.signal(signum, self.request)
 
     def request(self, signum: int, frame: Any) -> None:
-        self.requested = max(self.requested, 2 if signum in (signal.SIGUSR1, signal.SIGTERM) else 1)
+        self.requested = max(self.requested, self.levels.get(signum, self.TERMINATE))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -223,8 +271,10 @@ class StopRequest(L.Callback):
         if batch_idx % check_every:
             return
         asked = torch.tensor(self.requested, device=trainer.strategy.root_device)
-        asked = int(trainer.strategy.reduce(asked, reduce_op="max"))
-        if asked == 2:
+        self.agreed = int(trainer.strategy.reduce(asked, reduce_op="max"))
+        if self.agreed == self.TERMINATE:
             raise SIGTERMException
-        if asked == 1:
+        if self.agreed == self.INTERRUPT:
             raise KeyboardInterrupt
+        if self.agreed == self.TIME_LIMIT:
+            raise TimeLimitStop

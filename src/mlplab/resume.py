@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab.rundir import launcher_rank
+from mlplab.slurm import restart_count
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +261,18 @@ class RunFolderCheck(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if launcher_rank() == 0 and (refusal := refusal_of(Path(str(config.hydra.run.dir)), config.ckpt_path)):
+        out = Path(str(config.hydra.run.dir))
+        if launcher_rank() == 0 and (refusal := refusal_of(out, checkpoint_to_resume(out, config.ckpt_path))):
             raise SystemExit(f"error: {refusal}")
+
+
+def checkpoint_to_resume(out: Path, ckpt_path: str | None) -> str | None:
+    """ckpt_path; or, in a job SLURM has requeued (time limit, preemption, node failure) and given no
+    ckpt_path, the last.ckpt its earlier attempt left in `out`, from which the run continues."""
+    last = Path(out) / "checkpoints" / "last.ckpt"
+    if ckpt_path is None and restart_count() > 0 and last.is_file():
+        return str(last)
+    return ckpt_path
 
 
 def still_good(out: Path) -> str:

@@ -8,14 +8,19 @@ scripts/train.sbatch is the batch script these assume; scripts/slurm_cluster.sh 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
+import subprocess
 import warnings
 from typing import Any, Callable
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
 
 # Lightning warns "The `srun` command is available on your system but is not used" on every machine that has
 # srun installed, twice a run (each time it looks for SLURM). Outside a SLURM job it is noise; inside one
@@ -104,3 +109,65 @@ class SigtermTo(L.Callback):
         signal.signal(signal.SIGTERM, self.handler)
 
     on_sanity_check_start = on_train_start = on_test_start = _take
+
+
+class TimeLimitStop(SIGTERMException):
+    """The ranks' agreed stop on SLURM's warning that the job's time limit is near (see time_limit_signal).
+
+    A SIGTERMException, so that Lightning and the kit stop as on SIGTERM: interrupted.ckpt, metrics.json
+    "interrupted"; mlplab.launch then requeues the job, which continues from checkpoints/last.ckpt.
+    """
+
+
+def time_limit_signal() -> signal.Signals:
+    """The signal SLURM sends this task shortly before its job's time limit.
+
+    In a job submitit started (hydra/launcher=slurm), submitit's: USR2 or $SUBMITIT_PREEMPT_SIGNAL, from the
+    `--signal=USR2@<signal_delay_s>` of its batch script. Elsewhere SIGUSR1, from scripts/train.sbatch's
+    `--signal=USR1@120` (also Lightning's requeue signal, whose handler the kit's replaces in srun tasks).
+    """
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        return signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").removeprefix("SIG")]
+    return signal.SIGUSR1
+
+
+def restart_count() -> int:
+    """How many times SLURM has requeued this job (SLURM_RESTART_COUNT; 0 outside SLURM or before any)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def job_of_task() -> dict[str, Any] | None:
+    """{"job_id", "restarts"} of the SLURM job this process runs in, for metrics.json; None outside one."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job_id = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
+    return {"job_id": job_id, "restarts": restart_count()}
+
+
+def requeue(signum: int, submitit_handler: Any) -> str:
+    """Puts this job back in SLURM's queue, to continue from its checkpoint; returns what was done, in a line.
+
+    Called by global rank 0 alone, after the run has stopped and recorded. In a job submitit started, its own
+    handler of the signal does it (it saves the job's call, requeues within hydra.launcher.max_num_timeout, and
+    exits); else `scontrol requeue`, which needs a requeueable job (scripts/train.sbatch: --requeue).
+
+    Args:
+        signum: the time-limit signal received.
+        submitit_handler: submitit's handler of it, replaced by the kit's while the run trained; None elsewhere.
+    """
+    job = job_of_task()
+    assert job is not None, "requeue() outside a SLURM job"
+    if callable(submitit_handler):
+        from submitit.core.utils import UncompletedJobError
+
+        try:
+            submitit_handler(signum, None)  # requeues, then sys.exit(-1)
+        except UncompletedJobError as err:  # "timed-out too many times": hydra.launcher.max_num_timeout
+            return f"submitit did not requeue job {job['job_id']}: {err}"
+        return f"submitit did not requeue job {job['job_id']}"  # (it returns only where it does nothing)
+    result = subprocess.run(["scontrol", "requeue", job["job_id"]], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        return (f"`scontrol requeue {job['job_id']}` failed ({result.stderr.strip() or result.returncode}): submit "
+                "with --requeue (scripts/train.sbatch does)")
+    return f"requeued SLURM job {job['job_id']}"

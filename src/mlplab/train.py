@@ -28,7 +28,7 @@ from mlplab.record import ConfigInCheckpoint, EpochHistory, environment, read_hi
 from mlplab.report import RANK_BY, epochs_to_reach
 from mlplab.resume import ResumeError, RunFolder, check_resume, continue_command, record_is_worse, still_good
 from mlplab.rundir import HISTORY_FILE, RESOLVED_CONFIG_FILE, launcher_rank
-from mlplab.slurm import LaunchError, check_launch
+from mlplab.slurm import LaunchError, TimeLimitStop, check_launch, job_of_task, time_limit_signal
 
 # Errors whose message already says what to do: printed as one line, without a traceback.
 EXPECTED_ERRORS = (ConfigError, DataError, DivergenceError, ResumeError, WriteError, LaunchError)
@@ -73,7 +73,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
     out = Path(cfg.output_dir)
     record: dict[str, Any] = {"status": "failed", "error": None, "metrics": {}, "per_class_test_acc": {},
                               "history": [], "epochs": 0, "wall_time_s": None, "best_checkpoint": None,
-                              "last_checkpoint": None, "resumed_from": cfg.ckpt_path, "convergence": None,
+                              "last_checkpoint": None, "resumed_from": cfg.ckpt_path, "slurm": job_of_task(), "convergence": None,
                               **hydra_job_info(), "environment": environment()}
     threshold = None  # val/acc for "epochs to threshold": cfg.acc_threshold, else the dataset's
     history = EpochHistory(out / HISTORY_FILE)
@@ -117,9 +117,10 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         if trainer.is_global_zero:
             log_session(trainer, hparams_of(cfg, record["choices"]), record["metrics"])
         return record
-    except SIGTERMException as err:  # Lightning raises it at the next step after SIGTERM
-        record["status"], record["error"] = "interrupted", "SIGTERM"
-        raise SystemExit(interrupted_message(out, "SIGTERM") if launcher_rank() == 0 else 1) from err
+    except SIGTERMException as err:  # Lightning raises it at the next step after SIGTERM (mlplab.launch too)
+        name = f"{time_limit_signal().name} (SLURM's time-limit warning)" if isinstance(err, TimeLimitStop) else "SIGTERM"
+        record["status"], record["error"] = "interrupted", name
+        raise SystemExit(interrupted_message(out, name) if launcher_rank() == 0 else 1) from err
     except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into sys.exit(1) after shutting down
         record["status"], record["error"] = "interrupted", "SIGINT (Ctrl-C)"
         raise SystemExit(interrupted_message(out, "SIGINT (Ctrl-C)") if launcher_rank() == 0 else 1) from err

@@ -12,6 +12,14 @@ import gc
 # Performance). Collection waits until they are loaded; then they are frozen, out of later collections' way.
 gc.disable()
 
+import os
+import signal
+
+from mlplab.rundir import hold_signals
+
+if "SLURM_STEP_ID" in os.environ:  # an srun task: SLURM's time-limit warning may come while the libraries load
+    hold_signals(signal.SIGUSR1)
+
 import logging
 import sys
 from pathlib import Path

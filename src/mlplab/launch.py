@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlplab.record import read_history, read_metrics
 from mlplab.resume import checkpoint_to_resume
-from mlplab.rundir import HISTORY_FILE, launcher_rank
+from mlplab.rundir import EARLY_SIGNALS, HISTORY_FILE, launcher_rank
 from mlplab.slurm import SigtermTo, TimeLimitStop, in_step, requeue, restart_count, time_limit_signal
 from mlplab.train import interrupted_message, run
 
@@ -257,6 +257,14 @@ class StopRequest(L.Callback):
         self.agreed = 0  # what the ranks stopped for
         for signum in signals:
             signal.signal(signum, self.request)
+        for signum in EARLY_SIGNALS:  # those that came before this existed (mlplab.rundir.hold_signals)
+            if self.levels.get(signum) == self.TIME_LIMIT:  # stopping now would leave nothing to requeue
+                log.warning("SLURM's time-limit warning (%s) came before training started: the job's --time is "
+                            "shorter than the warning's lead (scripts/train.sbatch: 120 s). Training on; at the "
+                            "limit SLURM's SIGTERM stops the run as scancel does, and it is not requeued",
+                            signal.Signals(signum).name)
+            elif signum in signals:
+                self.request(signum, None)
 
     def request(self, signum: int, frame: Any) -> None:
         self.requested = max(self.requested, self.levels.get(signum, self.TERMINATE))

@@ -7,6 +7,7 @@ these before (or without) the heavy libraries loading.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -42,3 +43,17 @@ def writable_dir_error(path: str | Path) -> str | None:
 def launcher_rank() -> int:
     """This process's global rank as torchrun (RANK) or srun (SLURM_PROCID) set it; 0 when started alone."""
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+EARLY_SIGNALS: list[int] = []  # signals that came while hold_signals held them, oldest first
+
+
+def hold_signals(*signums: int) -> None:
+    """Notes each of `signums` in EARLY_SIGNALS, instead of its default action (ending the process), until
+    mlplab.launch.StopRequest takes them over and acts on those noted at the first training step.
+
+    SLURM's time-limit warning (scripts/train.sbatch: SIGUSR1 120 s before --time) reaches a job with a
+    shorter --time at once, while train.py is still loading its libraries.
+    """
+    for signum in signums:
+        signal.signal(signum, lambda received, frame: EARLY_SIGNALS.append(received))

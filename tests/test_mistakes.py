@@ -112,7 +112,7 @@ def startup_s(data_root, tmp_path_factory) -> float:
     return time.perf_counter() - start
 
 
-@settings(max_examples=6, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],  # no shrinking: a
+@settings(max_examples=4, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],  # no shrinking: a
           # failing example is printed as drawn (each one is a start-up of train.py)
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(overrides=OVERRIDES)

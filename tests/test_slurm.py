@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +27,9 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, TINY, TRAIN_PY, read_json
 from mlplab.config import threads_for_job
-from mlplab.slurm import LaunchError, check_launch
+from mlplab.launch import StopRequest
+from mlplab.resume import checkpoint_to_resume
+from mlplab.slurm import LaunchError, check_launch, job_of_task, time_limit_signal
 
 CLUSTER = ROOT / "scripts" / "slurm_cluster.sh"
 SBATCH = ROOT / "scripts" / "train.sbatch"
@@ -147,6 +150,53 @@ def test_torch_threads_follow_the_cores_slurm_gave_the_task(monkeypatch, variabl
     set_slurm_variables(monkeypatch, variables)
     assert threads_for_job(None) == threads
     assert threads_for_job(5) == 5  # torch_threads=5 wins
+
+
+@pytest.mark.parametrize(("variables", "expected"), [
+    ({}, signal.SIGUSR1),  # scripts/train.sbatch's --signal=USR1@120
+    ({"SUBMITIT_EXECUTOR": "slurm"}, signal.SIGUSR2),  # submitit's default
+    ({"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_PREEMPT_SIGNAL": "USR1"}, signal.SIGUSR1),
+])
+def test_the_time_limit_signal_is_the_one_the_job_asked_for(monkeypatch, variables, expected):
+    set_slurm_variables(monkeypatch, STEP)
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert time_limit_signal() == expected
+
+
+def test_a_requeued_job_continues_from_its_last_checkpoint_and_records_its_restarts(monkeypatch, tmp_path):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    set_slurm_variables(monkeypatch, {"SLURM_JOB_ID": "7"})
+    assert checkpoint_to_resume(tmp_path, None) is None  # a fresh job
+    assert job_of_task() == {"job_id": "7", "restarts": 0}
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert checkpoint_to_resume(tmp_path, None) is None  # requeued before its first epoch was saved
+    last.parent.mkdir()
+    last.write_bytes(b"")
+    assert checkpoint_to_resume(tmp_path, None) == str(last)
+    assert checkpoint_to_resume(tmp_path, "other.ckpt") == "other.ckpt"  # a ckpt_path given wins
+    assert job_of_task() == {"job_id": "7", "restarts": 2}
+    set_slurm_variables(monkeypatch, {"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "8", "SLURM_ARRAY_TASK_ID": "1"})
+    assert job_of_task() == {"job_id": "8_1", "restarts": 0}
+    set_slurm_variables(monkeypatch, {})
+    assert job_of_task() is None and checkpoint_to_resume(tmp_path, None) is None
+
+
+def test_signals_held_while_train_py_starts_reach_the_stop_request_except_the_time_limit(monkeypatch):
+    """A Ctrl-C noted before the StopRequest existed stops the run at its first step; an early time-limit
+    warning does not (stopping before an epoch leaves nothing to requeue)."""
+    monkeypatch.setattr("mlplab.launch.EARLY_SIGNALS", [signal.SIGUSR1])
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)}
+    try:
+        levels = {signal.SIGINT: StopRequest.INTERRUPT, signal.SIGUSR1: StopRequest.TIME_LIMIT}
+        assert StopRequest(levels).requested == 0
+        monkeypatch.setattr("mlplab.launch.EARLY_SIGNALS", [signal.SIGUSR1, signal.SIGINT])
+        assert StopRequest(levels).requested == StopRequest.INTERRUPT
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # ------------------------------------------------------------------ sweeps

@@ -52,8 +52,8 @@ def hold_signals(*signums: int) -> None:
     """Notes each of `signums` in EARLY_SIGNALS, instead of its default action (ending the process), until
     mlplab.launch.StopRequest takes them over and acts on those noted at the first training step.
 
-    SLURM's time-limit warning (scripts/train.sbatch: SIGUSR1 120 s before --time) reaches a job with a
-    shorter --time at once, while train.py is still loading its libraries.
+    SLURM's time-limit warning (scripts/train.sbatch: SIGUSR1 120 s before --time) can reach a job with a
+    shorter --time while train.py is still loading its libraries.
     """
     for signum in signums:
         signal.signal(signum, lambda received, frame: EARLY_SIGNALS.append(received))

@@ -8,7 +8,6 @@ scripts/train.sbatch is the batch script these assume; scripts/slurm_cluster.sh 
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import signal
@@ -19,8 +18,6 @@ from typing import Any, Callable
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-log = logging.getLogger(__name__)
 
 # Lightning warns "The `srun` command is available on your system but is not used" on every machine that has
 # srun installed, twice a run (each time it looks for SLURM). Outside a SLURM job it is noise; inside one

@@ -370,13 +370,14 @@ def test_sweep_job_requeued_at_its_time_limit_continues_and_a_cancelled_one_is_r
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
-        while not all((sweep / n / "checkpoints" / "last.ckpt").exists() for n in ("0", "1")):
+        signals, jobs = {"0": ["scancel", "--signal=USR2"], "1": ["scancel"]}, {}
+        while signals:  # each job as soon as it has saved its first epoch (they may start seconds apart)
             assert sweep_process.poll() is None, sweep_process.communicate()[1]
-            assert time.monotonic() < deadline, "the jobs saved no epoch in 240 s"
+            assert time.monotonic() < deadline, f"jobs {sorted(signals)} saved no epoch in 240 s"
+            jobs = {path.name.rsplit("_", 1)[1]: path.name for path in (sweep / ".submitit").glob("*_*")}  # <array>_<n>
+            for n in [n for n in signals if n in jobs and (sweep / n / "checkpoints" / "last.ckpt").exists()]:
+                subprocess.run([*signals.pop(n), jobs[n]], check=True)
             time.sleep(0.05)
-        jobs = {path.name.rsplit("_", 1)[1]: path.name for path in (sweep / ".submitit").glob("*_*")}  # <array>_<n>
-        subprocess.run(["scancel", "--signal=USR2", jobs["0"]], check=True)
-        subprocess.run(["scancel", jobs["1"]], check=True)
         stdout, stderr = sweep_process.communicate(timeout=300)
     finally:
         if sweep_process.poll() is None:

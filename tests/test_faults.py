@@ -42,7 +42,13 @@ from mlplab.train import EXPECTED_ERRORS, run
     (["trainer.max_epochs=0"], r"trainer\.max_epochs=0 must be an integer >= 1"),
     (["trainer.gradient_clip_val=-1"], r"trainer\.gradient_clip_val=-1 must be a number > 0, or null"),
     (["data.steps_per_call=2.5"], r"data\.steps_per_call=2\.5 must be a positive integer"),
-    (["loss=huber", "loss.delta=0"], r"loss\.delta=0 must be a positive number"),
+    (["loss=huber", "loss.delta=0"], r"loss\.delta=0 must be a positive number"),    (["seed=-1"], r"^seed=-1 must be an integer in \[0, 4294967295\]$"),
+    (["seed=abc"], r"^seed='abc' must be an integer in \[0, 4294967295\]$"),
+    (["seed=1e20"], r"^seed=1e\+20 must be an integer in \[0, 4294967295\]$"),
+    (["torch_threads=0"], r"^torch_threads=0 must be an integer >= 1, or null for torch's default$"),
+    (["monitor=val/bogus"], r"^monitor='val/bogus' is not a metric of each epoch: choose one of \['val/acc', "),
+    (["scheduler=step", "scheduler.step_size=0"], r"^scheduler\.step_size=0 must be a positive integer$"),
+    (["model.hidden_sizes=null"], r"^model\.hidden_sizes=None must be a list of positive integers \(\[\] for none\)$"),
 ])
 def test_out_of_range_values_fail_before_training_naming_key_value_and_rule(overrides, message, data_root, tmp_path):
     with pytest.raises(ConfigError, match=message):

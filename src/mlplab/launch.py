@@ -66,12 +66,14 @@ def launch(cfg: DictConfig) -> dict[str, Any]:
     except SystemExit as err:
         if stop.agreed != StopRequest.TIME_LIMIT or launcher_rank() != 0:
             raise
-        raise SystemExit(f"{err.code}\n{requeue_after_time_limit(cfg, limit, submitit_handler, epochs_before)}") \
+        raise SystemExit(requeue_after_time_limit(cfg, str(err.code), limit, submitit_handler, epochs_before)) \
             from err
 
 
-def requeue_after_time_limit(cfg: DictConfig, limit: signal.Signals, submitit_handler: Any, epochs_before: int) -> str:
-    """Requeues a job stopped by SLURM's time-limit signal, where this attempt finished an epoch; says what it did.
+def requeue_after_time_limit(cfg: DictConfig, stopped: str, limit: signal.Signals, submitit_handler: Any,
+                             epochs_before: int) -> str:
+    """Requeues a job stopped by SLURM's time-limit signal, where this attempt finished an epoch; returns
+    `stopped` (run()'s interruption message) and a line on what was done.
 
     A job whose attempt finished no epoch is not requeued: the next attempt would start from the same
     checkpoint and stop at the same point, for ever.
@@ -79,12 +81,12 @@ def requeue_after_time_limit(cfg: DictConfig, limit: signal.Signals, submitit_ha
     out = Path(cfg.output_dir)
     epochs = len(read_history(out / HISTORY_FILE))
     if epochs <= epochs_before:
-        return (f"{limit.name}: SLURM's time limit is near, and this attempt finished no epoch: the job is not "
-                "requeued, as the next attempt would stop at the same point. Give the job more time (sbatch "
+        return (f"{stopped}\n{limit.name}: SLURM's time limit is near, and this attempt finished no epoch: the job "
+                "is not requeued, as the next attempt would stop at the same point. Give the job more time (sbatch "
                 "--time, hydra.launcher.timeout_min) and continue it with the command above")
-    line = (f"{limit.name}: SLURM's time limit is near; {epochs} epochs are saved. The requeued job continues from "
-            f"{out / 'checkpoints' / 'last.ckpt'} into {out}")
-    if submitit_handler is not None:  # submitit's handler requeues and exits: say it first
+    line = (f"{stopped}\n{limit.name}: SLURM's time limit is near; {epochs} epochs are saved. The requeued job "
+            f"continues from {out / 'checkpoints' / 'last.ckpt'} into {out}")
+    if submitit_handler is not None:  # submitit's handler requeues and exits (sys.exit): say it all first
         print(line, file=sys.stderr, flush=True)
     return f"{line}: {requeue(limit, submitit_handler)}"
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -71,11 +75,144 @@ def compose_config(overrides: list[str], output_dir: Path, data_root: Path) -> D
         return compose("train", overrides=[*TINY, f"data.root={data_root}", f"output_dir={output_dir}", *overrides])
 
 
-def run_cli(args: list[str], data_root: Path, cwd: Path, timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
-    """`python train.py <args>` in a subprocess, with DATA_DIR=data_root, from cwd."""
-    env = {**os.environ, "DATA_DIR": str(data_root), "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, str(TRAIN_PY), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+def cli_env(data_root: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default this process's) with DATA_DIR=data_root and HYDRA_FULL_ERROR=0 (the kit's one-line errors)."""
+    return {**(os.environ if env is None else env), "DATA_DIR": str(data_root), "HYDRA_FULL_ERROR": "0"}
+
+
+def start_script(script: Path, args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen | PrewarmedProcess:
+    """`python <script> <args>` started from cwd with env: forked from this test process's PrewarmedScripts
+    (tests/prewarmed.py), or a fresh interpreter where MLPLAB_TEST_FRESH_PROCESSES=1. Either way a process
+    of its own, to poll, signal, wait for and communicate with as a subprocess.Popen(..., text=True) with
+    stdout and stderr piped."""
+    if os.environ.get("MLPLAB_TEST_FRESH_PROCESSES") == "1":
+        return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=cwd, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return PrewarmedScripts.instance().start(script, args, cwd, env)
+
+
+def run_script(script: Path, args: list[str], cwd: Path, env: dict[str, str],
+               timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python <script> <args>` run to its end, as subprocess.run(..., capture_output=True, text=True) reports it."""
+    proc = start_script(script, args, cwd, env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def start_cli(args: list[str], data_root: Path, cwd: Path, env: dict[str, str] | None = None):
+    """`python train.py <args>` started from cwd with cli_env(data_root, env) (see start_script)."""
+    return start_script(TRAIN_PY, args, cwd, cli_env(data_root, env))
+
+
+def run_cli(args: list[str], data_root: Path, cwd: Path, timeout: float = 240,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python train.py <args>` run to its end from cwd with cli_env(data_root, env) (see run_script)."""
+    return run_script(TRAIN_PY, args, cwd, cli_env(data_root, env), timeout)
+
+
+class PrewarmedProcess:
+    """A child of tests/prewarmed.py, with the part of subprocess.Popen's interface the tests use."""
+
+    def __init__(self, server: PrewarmedScripts, pid: int, args: list[str], stdout: Path, stderr: Path) -> None:
+        self.server, self.pid, self.args = server, pid, args
+        self.stdout_path, self.stderr_path = stdout, stderr
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        self.returncode = self.server.exit_codes.get(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        with self.server.changed:
+            if not self.server.changed.wait_for(lambda: self.pid in self.server.exit_codes, timeout):
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.poll()
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return self.stdout_path.read_text(), self.stderr_path.read_text()
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class PrewarmedScripts:
+    """This test process's tests/prewarmed.py: scripts run forked from a process that has imported the
+    kit, each paying no imports (about 10 s of CPU otherwise). One per pytest process (xdist worker),
+    started at its first use and ended with the session; a thread reads its answers."""
+
+    _instance: PrewarmedScripts | None = None
+
+    @classmethod
+    def instance(cls) -> PrewarmedScripts:
+        if cls._instance is None or cls._instance.server.poll() is not None:
+            cls._instance = cls()
+        return cls._instance
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="mlplab-prewarmed-"))
+        self.log = self.folder / "server.log"  # what the imports printed (warnings), and a crash if any
+        with open(self.log, "w") as log:
+            self.server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "prewarmed.py")], cwd=ROOT,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+        self.changed = threading.Condition()
+        self.started: list[int] = []  # pids not yet handed out, in the order of the requests
+        self.exit_codes: dict[int, int] = {}
+        self.children = 0
+        self.lock = threading.Lock()  # one request at a time, so that each gets its own "started" answer
+        threading.Thread(target=self.read_answers, daemon=True).start()
+
+    def read_answers(self) -> None:
+        for line in self.server.stdout:
+            kind, pid, *code = line.split()
+            with self.changed:
+                if kind == "started":
+                    self.started.append(int(pid))
+                else:
+                    self.exit_codes[int(pid)] = int(code[0])
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def start(self, script: Path, args: list[str], cwd: Path, env: dict[str, str]) -> PrewarmedProcess:
+        with self.lock:
+            self.children += 1
+            stdout, stderr = self.folder / f"{self.children}.out", self.folder / f"{self.children}.err"
+            request = {"script": str(script), "argv": [str(a) for a in args], "cwd": str(cwd), "env": dict(env),
+                       "stdout": str(stdout), "stderr": str(stderr)}
+            self.server.stdin.write(json.dumps(request) + "\n")
+            self.server.stdin.flush()
+            with self.changed:
+                if not self.changed.wait_for(lambda: self.started or self.server.poll() is not None, 300):
+                    raise RuntimeError(f"tests/prewarmed.py did not answer; its log, {self.log}:\n{self.log.read_text()}")
+                if not self.started:
+                    raise RuntimeError(f"tests/prewarmed.py ended; its log, {self.log}:\n{self.log.read_text()}")
+                pid = self.started.pop(0)
+        return PrewarmedProcess(self, pid, [sys.executable, str(script), *map(str, args)], stdout, stderr)
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        self.server.wait(timeout=30)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_prewarmed_scripts():
+    yield
+    if PrewarmedScripts._instance is not None:
+        PrewarmedScripts._instance.close()
 
 
 def read_json(path: Path) -> dict:

@@ -7,14 +7,13 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, TRAIN_PY, read_json
+from conftest import TINY, cli_env, read_json, run_cli, start_cli
 from mlplab.atomic import WriteError, write_atomically
 from mlplab.record import write_json
 
@@ -62,10 +61,7 @@ def fill(disk: Path, leave_kb: int) -> Path:
 
 def start_run(out: Path, data_root: Path, cwd: Path) -> tuple[subprocess.Popen, dict]:
     args = [*TINY, "trainer.max_epochs=6", "~callbacks.parameter_histograms", "~callbacks.test_figures"]
-    env = {**os.environ, "DATA_DIR": str(data_root), "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *args, f"hydra.run.dir={out}"], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return proc, env
+    return start_cli([*args, f"hydra.run.dir={out}"], data_root, cwd), cli_env(data_root)
 
 
 def wait_for(proc: subprocess.Popen, *paths: Path) -> None:
@@ -115,7 +111,6 @@ def test_a_full_disk_keeps_the_last_good_checkpoints_and_ends_in_one_line(small_
     filler.unlink()
     argv = shlex.split(line.split("continue with: ", 1)[1])
     assert argv[:2] == ["python", "train.py"]
-    result = subprocess.run([sys.executable, str(TRAIN_PY), *argv[2:]], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=240)
+    result = run_cli(argv[2:], data_root, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert read_json(out / "metrics.json")["epochs"] == 6

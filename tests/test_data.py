@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from torchvision import datasets
 
 from mlplab.batching import EpochShard, StepBatches, TensorBatches
 from mlplab.data import DATASETS, ImageClassificationData

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+import os
 
 import pytest
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CONF, ROOT, TINY, read_json, run_cli
+from conftest import CONF, ROOT, TINY, read_json, run_cli, run_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXPERIMENTS = ("activation_study", "best_mlp", "depth_study", "dying_relu", "loss_study", "optimizer_study",
@@ -79,8 +77,8 @@ def test_test_figures_and_histograms_reach_tensorboard_and_render_to_png(data_ro
         assert all(len(events.Histograms(t)) == steps for t in layer_tags)
         assert (events.Histograms(layer_tags[0])[0].step == 0) == (kind == "weights")
 
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_figures.py"), str(run_dir),
-                             "--data-root", str(data_root)], capture_output=True, text=True, timeout=120)
+    result = run_script(ROOT / "scripts" / "render_figures.py", [run_dir, "--data-root", data_root], ROOT,
+                        dict(os.environ), timeout=120)
     assert result.returncode == 0, result.stderr
     for name in TEST_FIGURES:
         png = run_dir / "figures" / f"{name}.png"
@@ -88,8 +86,7 @@ def test_test_figures_and_histograms_reach_tensorboard_and_render_to_png(data_ro
 
 
 def test_render_figures_names_a_dir_without_checkpoints(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_figures.py"), str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
+    result = run_script(ROOT / "scripts" / "render_figures.py", [tmp_path], ROOT, dict(os.environ), timeout=120)
     assert result.returncode != 0
     assert f"{tmp_path}/checkpoints/best.ckpt not found" in result.stderr and "Traceback" not in result.stderr
 

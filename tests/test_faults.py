@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import CONF, ROOT, TINY, TRAIN_PY, compose_config, read_json, run_cli
+from conftest import CONF, ROOT, TINY, cli_env, compose_config, read_json, run_cli, run_script, start_cli
 from mlplab.config import ConfigError
 from mlplab.train import EXPECTED_ERRORS, run
 
@@ -164,9 +161,7 @@ def uninterrupted(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_signal_saves_checkpoint_and_metrics_and_resume_matches_uninterrupted_run(sig, data_root, tmp_path,
                                                                                  uninterrupted):
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *TINY, *LONG, f"hydra.run.dir={interrupted}"],
-                            cwd=tmp_path, env=cli_env(data_root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = start_cli([*TINY, *LONG, f"hydra.run.dir={interrupted}"], data_root, cwd=tmp_path)
     last = interrupted / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
     while not (last.exists() and (interrupted / "history.json").exists()) and time.time() < deadline:
@@ -190,10 +185,6 @@ def test_signal_saves_checkpoint_and_metrics_and_resume_matches_uninterrupted_ru
     assert a["metrics"]["test/loss"] == pytest.approx(b["metrics"]["test/loss"], rel=1e-6)
 
 
-def cli_env(data_root: Path) -> dict:
-    return {**os.environ, "DATA_DIR": str(data_root)}
-
-
 # ------------------------------------------------------------------ checkpoints
 
 
@@ -201,8 +192,8 @@ def test_evaluate_script_prints_the_recorded_test_accuracy(data_root, tmp_path):
     run_dir = tmp_path / "run"
     assert run_cli([*TINY, f"hydra.run.dir={run_dir}"], data_root, cwd=tmp_path).returncode == 0
     recorded = read_json(run_dir / "metrics.json")["metrics"]["test/acc"]
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(run_dir / "checkpoints" / "best.ckpt")],
-                            capture_output=True, text=True, cwd=tmp_path, env=cli_env(data_root), timeout=120)
+    result = run_script(ROOT / "scripts" / "evaluate.py", [run_dir / "checkpoints" / "best.ckpt"], tmp_path,
+                        cli_env(data_root), timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"test/acc {recorded:.4f} ")
 

@@ -3,9 +3,8 @@ training, without a traceback; and a property test over overrides of every confi
 
 from __future__ import annotations
 
+import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import CONF, ROOT, TINY, compose_config, run_cli
+from conftest import CONF, ROOT, TINY, compose_config, run_cli, run_script
 from mlplab.idx import IDX_FILES
 from mlplab.train import EXPECTED_ERRORS, run
 
@@ -46,8 +45,7 @@ def test_a_folder_where_an_idx_file_should_be_is_named_and_nothing_is_downloaded
 def test_evaluate_script_on_a_text_file_is_one_error_line(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(text)], capture_output=True,
-                            text=True, cwd=tmp_path, timeout=120)
+    result = run_script(ROOT / "scripts" / "evaluate.py", [text], tmp_path, dict(os.environ), timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         f"error: checkpoint={text} is not a readable checkpoint (UnpicklingError: "

@@ -10,8 +10,6 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pytest
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from conftest import TINY, TRAIN_PY, compose_config, read_json, run_cli
+from conftest import TINY, compose_config, read_json, run_cli, start_cli
 from mlplab.resume import ResumeError, RunFolder, continue_command
 from mlplab.config import ConfigError
 from mlplab.train import run
@@ -153,9 +151,7 @@ def test_a_second_fresh_run_into_a_used_folder_is_refused_before_hydra_writes_th
 
 def test_two_runs_started_at_once_into_one_folder_one_is_refused(data_root, tmp_path):
     out = tmp_path / "shared"
-    env = {**os.environ, "DATA_DIR": str(data_root), "HYDRA_FULL_ERROR": "0"}
-    procs = [subprocess.Popen([sys.executable, str(TRAIN_PY), *TINY, *QUIET, f"seed={seed}", f"hydra.run.dir={out}"],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [start_cli([*TINY, *QUIET, f"seed={seed}", f"hydra.run.dir={out}"], data_root, cwd=tmp_path)
              for seed in (1, 2)]
     results = [(p.wait(timeout=240), p.communicate()[1]) for p in procs]
     assert sorted(rc == 0 for rc, _ in results) == [False, True], results
@@ -204,8 +200,7 @@ def test_an_interrupted_sweep_reports_the_jobs_that_ran_and_its_resume_command_r
     args = ["-m", *TINY, *QUIET,
             "trainer.max_epochs=2,30", "seed=4", f"hydra.sweep.dir={sweep}",
             "hydra.sweep.subdir='${hydra.job.num}_epochs=${trainer.max_epochs},seed=4'"]
-    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *args], cwd=tmp_path, env=cli_env(data_root),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_cli(args, data_root, cwd=tmp_path)
     job1 = sweep / "1_epochs=30,seed=4"
     deadline = time.time() + 180
     while not ((job1 / "history.json").exists() and last_of(job1).exists()) and time.time() < deadline:
@@ -223,12 +218,7 @@ def test_an_interrupted_sweep_reports_the_jobs_that_ran_and_its_resume_command_r
     command = lines[lines.index(next(l for l in lines if l.endswith("Continue with:"))) + 1].strip()
     argv = shlex.split(command)
     assert argv[:2] == ["python", "train.py"]
-    result = subprocess.run([sys.executable, str(TRAIN_PY), *argv[2:]], cwd=tmp_path, env=cli_env(data_root),
-                            capture_output=True, text=True, timeout=240)
+    result = run_cli(argv[2:], data_root, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     record = read_json(job1 / "metrics.json")
     assert record["status"] == "ok" and record["epochs"] == 30
-
-
-def cli_env(data_root: Path) -> dict:
-    return {**os.environ, "DATA_DIR": str(data_root), "HYDRA_FULL_ERROR": "0"}

@@ -25,7 +25,7 @@ import torch
 
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY, TRAIN_PY, read_json
+from conftest import ROOT, TINY, TRAIN_PY, read_json, run_cli
 from mlplab.config import threads_for_job
 from mlplab.launch import StopRequest
 from mlplab.resume import checkpoint_to_resume
@@ -87,6 +87,8 @@ def ranks(dirpath: Path) -> list[dict]:
 def train(args: list[str], env: dict[str, str], launcher: Sequence[str] = (),
           timeout: float = 300) -> subprocess.CompletedProcess:
     """`<launcher> python train.py <args>`, from the repo root."""
+    if not launcher:
+        return run_cli(args, Path(env["DATA_DIR"]), cwd=ROOT, timeout=timeout, env=env)
     return subprocess.run([*launcher, sys.executable, str(TRAIN_PY), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -291,8 +293,7 @@ def test_cancelled_batch_job_keeps_its_work_and_its_resume_command_finishes_the_
     command = shlex.split(output.split("Continue with:\n", 1)[1].splitlines()[0])
     assert command[:2] == ["python", "train.py"] and command[-1] == f"hydra.run.dir={run_dir}"
 
-    resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=300)
+    resumed = train(command[2:], env)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(read_json(run_dir / "metrics.json"), uninterrupted)
 

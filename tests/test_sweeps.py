@@ -7,17 +7,15 @@ dataset of conftest.py, into tmp_path. The plugins come with `pip install -e ".[
 from __future__ import annotations
 
 import os
-import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import TINY, TRAIN_PY, read_json, run_cli
+from conftest import TINY, read_json, run_cli, start_cli
 
 for plugin in ("hydra_plugins.hydra_joblib_launcher", "hydra_plugins.hydra_submitit_launcher",
                "hydra_plugins.hydra_optuna_sweeper"):
@@ -125,10 +123,8 @@ def test_failed_trials_are_marked_failed_and_the_search_goes_on_to_its_report(da
 
 def test_optuna_study_continues_after_the_sweep_is_killed(data_root, tmp_path):
     sweep = tmp_path / "sweep"
-    args = [sys.executable, str(TRAIN_PY), *SEARCH, f"hydra.sweep.dir={sweep}"]
-    env = {**os.environ, "DATA_DIR": str(data_root)}
-    first = subprocess.Popen([*args, "hydra.sweeper.n_trials=20"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [*SEARCH, f"hydra.sweep.dir={sweep}"]
+    first = start_cli([*args, "hydra.sweeper.n_trials=20"], data_root, cwd=tmp_path)  # trials run in its process
     started = [sweep / "0" / "metrics.json", sweep / "1" / ".hydra" / "overrides.yaml"]
     try:  # killed once trial 0 has finished and trial 1 has started
         deadline = time.monotonic() + 120
@@ -136,14 +132,14 @@ def test_optuna_study_continues_after_the_sweep_is_killed(data_root, tmp_path):
             assert first.poll() is None and time.monotonic() < deadline, "the first sweep ended before the kill"
             time.sleep(0.05)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        first.kill()
         first.wait()
     before = load_study(sweep).trials
     assert before[0].state == optuna.trial.TrialState.COMPLETE
     first_jobs = {job: (job / "metrics.json").read_bytes() for job in job_dirs(sweep)
                   if (job / "metrics.json").exists()}
 
-    result = run_cli([*args[2:], "hydra.sweeper.n_trials=2"], data_root, cwd=tmp_path)
+    result = run_cli([*args, "hydra.sweeper.n_trials=2"], data_root, cwd=tmp_path)
     after = load_study(sweep).trials
     assert len(after) == len(before) + 2  # the same study, two trials longer
     assert [(t.number, t.params, t.state) for t in after[:len(before)]] == \
@@ -162,11 +158,8 @@ def test_optuna_study_continues_after_the_sweep_is_killed(data_root, tmp_path):
 
 
 def test_sweeps_started_at_the_same_moment_get_dirs_of_their_own(data_root, tmp_path):
-    env = {**os.environ, "DATA_DIR": str(data_root)}
     # torch_threads=1: two 2-thread processes on 2 cores run many times slower than one after the other
-    sweeps = [subprocess.Popen([sys.executable, str(TRAIN_PY), "-m", *TINY, "torch_threads=1", f"activation={name}"],
-                               cwd=tmp_path,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sweeps = [start_cli(["-m", *TINY, "torch_threads=1", f"activation={name}"], data_root, cwd=tmp_path)
               for name in ("relu", "tanh")]
     for sweep in sweeps:
         _, stderr = sweep.communicate(timeout=240)

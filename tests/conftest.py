@@ -80,15 +80,17 @@ def cli_env(data_root: Path, env: dict[str, str] | None = None) -> dict[str, str
     return {**(os.environ if env is None else env), "DATA_DIR": str(data_root), "HYDRA_FULL_ERROR": "0"}
 
 
-def start_script(script: Path, args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen | PrewarmedProcess:
+def start_script(script: Path, args: list[str], cwd: Path, env: dict[str, str],
+                 start_new_session: bool = False) -> subprocess.Popen | PrewarmedProcess:
     """`python <script> <args>` started from cwd with env: forked from this test process's PrewarmedScripts
     (tests/prewarmed.py), or a fresh interpreter where MLPLAB_TEST_FRESH_PROCESSES=1. Either way a process
     of its own, to poll, signal, wait for and communicate with as a subprocess.Popen(..., text=True) with
     stdout and stderr piped."""
     if os.environ.get("MLPLAB_TEST_FRESH_PROCESSES") == "1":
         return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=cwd, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return PrewarmedScripts.instance().start(script, args, cwd, env)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=start_new_session)
+    return PrewarmedScripts.instance().start(script, args, cwd, env, start_new_session)
 
 
 def run_script(script: Path, args: list[str], cwd: Path, env: dict[str, str],
@@ -104,9 +106,10 @@ def run_script(script: Path, args: list[str], cwd: Path, env: dict[str, str],
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def start_cli(args: list[str], data_root: Path, cwd: Path, env: dict[str, str] | None = None):
+def start_cli(args: list[str], data_root: Path, cwd: Path, env: dict[str, str] | None = None,
+              start_new_session: bool = False) -> subprocess.Popen | PrewarmedProcess:
     """`python train.py <args>` started from cwd with cli_env(data_root, env) (see start_script)."""
-    return start_script(TRAIN_PY, args, cwd, cli_env(data_root, env))
+    return start_script(TRAIN_PY, args, cwd, cli_env(data_root, env), start_new_session)
 
 
 def run_cli(args: list[str], data_root: Path, cwd: Path, timeout: float = 240,
@@ -186,12 +189,13 @@ class PrewarmedScripts:
         with self.changed:
             self.changed.notify_all()
 
-    def start(self, script: Path, args: list[str], cwd: Path, env: dict[str, str]) -> PrewarmedProcess:
+    def start(self, script: Path, args: list[str], cwd: Path, env: dict[str, str],
+              start_new_session: bool = False) -> PrewarmedProcess:
         with self.lock:
             self.children += 1
             stdout, stderr = self.folder / f"{self.children}.out", self.folder / f"{self.children}.err"
             request = {"script": str(script), "argv": [str(a) for a in args], "cwd": str(cwd), "env": dict(env),
-                       "stdout": str(stdout), "stderr": str(stderr)}
+                       "stdout": str(stdout), "stderr": str(stderr), "start_new_session": start_new_session}
             self.server.stdin.write(json.dumps(request) + "\n")
             self.server.stdin.flush()
             with self.changed:
@@ -217,3 +221,17 @@ def _close_prewarmed_scripts():
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# The files that take longest, first: pytest-xdist (--dist loadfile, pyproject.toml) hands whole files to its
+# workers in collection order, and the SLURM tests, mostly waiting on the cluster, would otherwise start last
+# and run alone at the end.
+LONGEST_FIRST = ("test_slurm.py", "test_distributed.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order

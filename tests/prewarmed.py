@@ -4,7 +4,7 @@ Importing torch, Lightning, torchmetrics (which imports torchvision and torch._d
 about 10 s of CPU, more than a tiny run itself; most tests run train.py, and the suite would spend most
 of its time importing. Run as a script, this file imports what train.py and scripts/ import, then
 serves requests, one JSON line each on stdin: {"script": path, "argv": [...], "cwd": ..., "env": {...},
-"stdout": path, "stderr": path}. For each it forks a child and answers "started <pid>"; when a child
+"stdout": path, "stderr": path, "start_new_session": bool}. For each it forks a child and answers "started <pid>"; when a child
 ends it answers "exited <pid> <code>" (negative: the signal that killed it, as subprocess reports it).
 Several children may run at once.
 
@@ -69,6 +69,8 @@ def serve() -> dict:
 
 def become(request: dict) -> None:
     """What starting `python <script> <argv>` in request["cwd"] with request["env"] would have set."""
+    if request.get("start_new_session"):  # as subprocess.Popen(start_new_session=True)
+        os.setsid()
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])

@@ -12,8 +12,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
 
-from conftest import TINY, TRAIN_PY, compose_config, read_json, run_cli
+from conftest import TINY, compose_config, read_json, run_cli, start_cli
 from mlplab.evaluate import evaluate, load_checkpoint, predict
 from mlplab.launch import ddp_strategy, ranks_to_start
 from mlplab.train import run
@@ -197,9 +195,8 @@ LONG = ["model.hidden_sizes=[16]", "trainer.max_epochs=8", "~callbacks.parameter
 
 def test_sigterm_stops_every_rank_keeps_trained_weights_and_the_run_resumes(data_root, tmp_path):
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *TINY, *DDP, *LONG, f"hydra.run.dir={interrupted}"],
-                            cwd=tmp_path, env={**os.environ, "DATA_DIR": str(data_root)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # its own process group
+    proc = start_cli([*TINY, *DDP, *LONG, f"hydra.run.dir={interrupted}"], data_root, cwd=tmp_path,
+                     start_new_session=True)  # its own process group
     last = interrupted / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
     while not (last.exists() and (interrupted / "history.json").exists()) and time.time() < deadline:

@@ -154,9 +154,14 @@ def run_ranks(cfg: DictConfig, ranks: int) -> dict[str, Any]:
     kills them (when one hangs, say). An exception in a rank is raised here (rank 0's, the one in
     metrics.json, else the first reported), so train.py handles it as in a single process.
     """
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_network_port()), "WORLD_SIZE": str(ranks),
-           "LOCAL_WORLD_SIZE": str(ranks), "NODE_RANK": "0"}  # + RANK and LOCAL_RANK, set in each rank
-    reports = mp.get_context("spawn").SimpleQueue()  # (rank, exception or None) as each rank's run() ends
+    # The ranks fork from multiprocessing's forkserver, a fresh interpreter that has imported the kit once (the
+    # main module, train.py, and this module): a rank then starts without Python's imports, and a multirun's later
+    # jobs reuse it. It was started with the environment of its first job, so each rank gets this one's whole.
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_network_port()),
+           "WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks), "NODE_RANK": "0"}  # + RANK, LOCAL_RANK in each
+    forkserver = multiprocessing.get_context("forkserver")
+    forkserver.set_forkserver_preload(["__main__", __name__])  # read when the server starts, the first time
+    reports = forkserver.SimpleQueue()  # (rank, exception or None) as each rank's run() ends
     processes: list[Any] = []
     received: list[int] = []
 
@@ -183,7 +188,7 @@ def run_ranks(cfg: DictConfig, ranks: int) -> dict[str, Any]:
         # (hydra/launcher=joblib's JobLibLauncherConf, loaded twice by Hydra's plugin discovery)
         hydra_cfg = OmegaConf.to_container(HydraConfig.get(), resolve=False) if HydraConfig.initialized() else None
         context = mp.start_processes(_rank_main, args=(cfg, hydra_cfg, env, reports), nprocs=ranks, join=False,
-                                     start_method="spawn")
+                                     start_method="forkserver")
         processes.extend(context.processes)
         while not context.join(grace_period=30):  # after a rank fails, the others get 30 s to record it
             pass
@@ -216,6 +221,7 @@ def _rank_main(rank: int, cfg: DictConfig, hydra_cfg: dict[str, Any] | None, env
     """One spawned DDP rank: the Hydra job's config and torchrun's variables, then all of run(cfg)."""
     # first: from here on a signal waits for the next training step
     stop = StopRequest({signal.SIGINT: StopRequest.INTERRUPT, signal.SIGUSR1: StopRequest.TERMINATE})
+    os.environ.clear()  # the forkserver's, from when it started
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     rank_zero_only.rank = rank  # before the Trainer exists: only rank 0 prints its messages
     if hydra_cfg is not None:  # run() reads the job's choices, overrides and output dir from Hydra

@@ -4,6 +4,7 @@
     python scripts/bench.py --batch-size 64                # the same at batch 64
     python scripts/bench.py --dataset fashion_mnist --model softmax_regression --device cuda
     python scripts/bench.py --quick                        # CI: 1 round of 2 epochs of 64 batches (one Lightning batch)
+    python scripts/bench.py --side-by-side --threads 1 --variants floor kit   # the variants at once, 1 core each
 
 Three variants train the same model (same init, same SGD and cosine schedule from conf/, same
 batch size, same torch threads) on the same data, and evaluate on val after every epoch and on
@@ -17,7 +18,11 @@ test at the end:
     classic  the tutorial loop: torchvision dataset + DataLoader + per-sample ToTensor/Normalize.
 Each run is its own process, started by this script, so imports, start-up and peak RSS are per
 variant; rounds are interleaved (floor kit classic floor kit classic ...) so that a noisy machine
-slows all variants alike. Per variant, the medians over rounds of:
+slows all variants alike. On a machine whose speed drifts within a run (a shared VM: epochs of one
+process were seen to vary 2x over tens of seconds), --side-by-side starts a round's variants at the
+same moment instead, each on its own cores (variants x --threads <= cores), so that each round's
+ratios compare epochs run under the same conditions; the kit starts its first epoch a few seconds
+after the floor (its imports), and runs its last ones after the floor has ended. Per variant, the medians over rounds of:
     epoch s       one training epoch plus its val pass (the kit's also its checkpoints, histograms and
                   history), median over the epochs after the first
     epoch cpu s   the same epochs in CPU seconds of the process, all threads: with --threads 1 the
@@ -57,6 +62,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -412,7 +418,8 @@ def run_variant(variant: str, round_: int, args: argparse.Namespace, overrides: 
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--spec", str(spec_path),
                    "--start", repr(start), "--result", str(result)]
-    record = {"variant": variant, "round": round_, **load, **run_process(command, log, start, args.timeout, env)}
+    record = {"variant": variant, "round": round_, "started_at": start, **load,
+              **run_process(command, log, start, args.timeout, env)}
     if record["returncode"] != 0 or not result.is_file():
         tail = "\n".join(log.read_text().splitlines()[-25:])
         raise SystemExit(f"error: {variant} (round {round_}) exited with {record['returncode']}; its output ended:\n"
@@ -470,10 +477,11 @@ def format_table(settings: dict[str, Any], summary: dict[str, Any]) -> str:
     limit, load = settings["limit_batches"], summary["load_1min"]
     lines = [f"{settings['dataset']}, {settings['model']}, batch {settings['batch_size']}, {settings['device']}, "
              f"{settings['threads']} threads, {settings['epochs']} epochs{f' of {limit} batches' if limit else ''}, "
-             f"medians of {settings['rounds']} rounds; load average {load['median']:.1f} "
+             f"medians of {settings['rounds']} rounds{', side by side' if settings.get('side_by_side') else ''}; "
+             f"load average {load['median']:.1f} "
              f"({load['min']:.1f}-{load['max']:.1f}) on {settings['cores']} cores",
              f"{'variant':<9}" + "".join(f"{heading:>13}" for heading, _ in COLUMNS.values())]
-    if load["max"] > settings["cores"] - 0.5:  # other work shared the cores: threads wait for each other
+    if load["max"] > settings["cores"] - 0.5 and not settings.get("side_by_side"):  # others shared the cores
         lines.insert(1, f"warning: the machine was busy (load up to {load['max']:.1f} on {settings['cores']} cores); "
                         "times with more than one thread can be several times too long: rerun, or use --threads 1")
     for variant, v in summary["variants"].items():
@@ -499,6 +507,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant, interleaved")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="run each round's variants at the same time (give --threads so that they fit the cores)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, all variants")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--limit-batches", type=int, default=None, help="training batches (optimiser steps) per epoch")
@@ -519,6 +529,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.epochs, args.rounds = QUICK_EPOCHS, 1
         args.limit_batches = min(args.limit_batches or QUICK_BATCHES, QUICK_BATCHES)
+    cores = os.cpu_count() or 1
+    if args.side_by_side and len(args.variants) * args.threads > cores:
+        parser.error(f"--side-by-side runs {len(args.variants)} variants at once with --threads {args.threads} each, "
+                     f"more threads than the {cores} cores: give --threads {max(1, cores // len(args.variants))}")
     for name in ("batch_size", "epochs", "rounds", "threads", "limit_batches", "val_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -545,8 +559,13 @@ def main(argv: list[str] | None = None) -> None:
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=2))
         for round_ in range(args.rounds):
-            for variant in args.variants:
-                record = run_variant(variant, round_, args, overrides, spec_path, work)
+            if args.side_by_side:  # all at once, each run in a thread of this process waiting for its child
+                with ThreadPoolExecutor(len(args.variants)) as pool:
+                    done = list(pool.map(lambda v: run_variant(v, round_, args, overrides, spec_path, work),
+                                         args.variants))
+            else:
+                done = (run_variant(variant, round_, args, overrides, spec_path, work) for variant in args.variants)
+            for variant, record in zip(args.variants, done):
                 records.append(record)
                 print(f"round {round_ + 1}/{args.rounds} {variant:<8} "
                       f"epochs {statistics.median(record['epoch_s']):.3f} s  first step {record['first_step_s']:.2f} s"

@@ -4,6 +4,7 @@ only that every variant ran through its real path and that the table and the JSO
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -60,3 +61,28 @@ def test_quick_bench_runs_every_variant_prints_the_table_and_writes_json(data_ro
         assert len(run["epoch_s"]) == len(run["epoch_cpu_s"]) == len(run["val_s"]) == 2  # a val pass per epoch
     assert runs[1]["figures_s"] > 0 and runs[2]["figures_s"] > 0  # the kit's real test path: figures, metrics.json
     assert len(runs[1]["diagnostics_s"]) == 2 and 0 < record["ratios"]["kit diagnostics/epoch"] < 1  # once an epoch
+
+
+def test_side_by_side_runs_a_rounds_variants_at_the_same_time(data_root, tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(BENCH), "--quick", "--side-by-side", "--threads", "1",
+                             "--variants", "floor", "kit", "--data-root", str(data_root), "--val-size", "200",
+                             "--batch-size", "50", "--json", str(out)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "medians of 1 rounds, side by side" in result.stdout
+    record = json.loads(out.read_text())
+    floor, kit = record["runs"]
+    assert (floor["variant"], kit["variant"]) == ("floor", "kit") and floor["round"] == kit["round"] == 0
+    # each started before the other ended: they ran at the same time
+    assert kit["started_at"] < floor["started_at"] + floor["wall_s"]
+    assert floor["started_at"] < kit["started_at"] + kit["wall_s"]
+    assert record["ratios"]["kit/floor epoch"] > 0
+
+
+def test_side_by_side_refuses_more_threads_than_cores(tmp_path):
+    cores = os.cpu_count() or 1
+    result = subprocess.run([sys.executable, str(BENCH), "--side-by-side", "--threads", str(cores),
+                             "--variants", "floor", "kit"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"more threads than the {cores} cores: give --threads {max(1, cores // 2)}" in result.stderr

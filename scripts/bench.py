@@ -5,6 +5,7 @@
     python scripts/bench.py --dataset fashion_mnist --model softmax_regression --device cuda
     python scripts/bench.py --quick                        # CI: 1 round of 2 epochs of 64 batches (one Lightning batch)
     python scripts/bench.py --side-by-side --threads 1 --variants floor kit   # the variants at once, 1 core each
+    python scripts/bench.py --paired --batch-size 64          # each kit epoch beside a floor epoch, one process
 
 Three variants train the same model (same init, same SGD and cosine schedule from conf/, same
 batch size, same torch threads) on the same data, and evaluate on val after every epoch and on
@@ -22,7 +23,10 @@ slows all variants alike. On a machine whose speed drifts within a run (a shared
 process were seen to vary 2x over tens of seconds), --side-by-side starts a round's variants at the
 same moment instead, each on its own cores (variants x --threads <= cores), so that each round's
 ratios compare epochs run under the same conditions; the kit starts its first epoch a few seconds
-after the floor (its imports), and runs its last ones after the floor has ended. Per variant, the medians over rounds of:
+after the floor (its imports), and runs its last ones after the floor has ended.
+--paired goes further: the kit alone, each of its training epochs preceded by a plain-PyTorch epoch
+in the same process over the same tensors (`paired_floor`); the ratio compares the training steps
+only, seconds apart, without val passes, checkpoints or start-up. Per variant, the medians over rounds of:
     epoch s       one training epoch plus its val pass (the kit's also its checkpoints, histograms and
                   history), median over the epochs after the first
     epoch cpu s   the same epochs in CPU seconds of the process, all threads: with --threads 1 the
@@ -198,6 +202,83 @@ def epoch_timer(path: str, start: float) -> Any:
             self.clock.write(path)
 
     return EpochTimer()
+
+
+def paired_floor(path: str) -> Any:
+    """--paired's callback: before each of the kit's training epochs, one plain-PyTorch epoch in the same process.
+
+    The floor epoch trains a copy of the kit's current model with a new optimizer of the same class and
+    settings (the epoch's learning rate included), over the kit's own training tensors in a shuffled order
+    of its own, in slices of the kit's batch size: the floor's loop. Then the kit's epoch runs, timed up to
+    on_train_epoch_end (its steps and Lightning's batch loop; not its val pass or what comes after).
+    Same process, same threads, same data, seconds apart: the machine's drift reaches both alike. Writes
+    [(floor s, kit s), ...] to `path` when fitting ends.
+    """
+    import copy
+
+    import lightning as L
+    import torch
+
+    class PairedFloor(L.Callback):
+        def __init__(self) -> None:
+            self.pairs: list[tuple[float, float]] = []
+            self.kit_start = 0.0
+
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            x, y = trainer.datamodule.splits["train"]  # (N, D), (N,) on the training device
+            model = copy.deepcopy(pl_module.model)
+            kit_optimizer = trainer.optimizers[0]
+            optimizer = type(kit_optimizer)(model.parameters(), **kit_optimizer.defaults)
+            for group, kit_group in zip(optimizer.param_groups, kit_optimizer.param_groups):
+                group["lr"] = kit_group["lr"]  # the schedule's rate for this epoch
+            loss_fn = torch.nn.CrossEntropyLoss()
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(trainer.current_epoch))
+            order = order.to(x.device)
+            size = trainer.datamodule.batch_size
+            wait = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+            wait()
+            start = time.perf_counter()
+            for i in range(0, len(x), size):
+                rows = order[i:i + size]
+                loss = loss_fn(model(x.index_select(0, rows)), y.index_select(0, rows))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            wait()
+            self.floor = time.perf_counter() - start
+            self.kit_start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize()
+            self.pairs.append((self.floor, time.perf_counter() - self.kit_start))
+
+        def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            Path(path).write_text(json.dumps(self.pairs) + "\n")
+
+    return PairedFloor()
+
+
+def run_paired(args: argparse.Namespace, overrides: list[str], work: Path) -> list[list[tuple[float, float]]]:
+    """--paired: the kit alone, --rounds runs, each epoch paired with a floor epoch; returns each run's pairs."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "scripts"),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    runs = []
+    for round_ in range(args.rounds):
+        result, log = work / f"paired_{round_}.json", work / f"paired_{round_}.log"
+        command = [sys.executable, str(ROOT / "train.py"), *overrides, "trainer.enable_progress_bar=false",
+                   f"hydra.run.dir='{work / f'paired_{round_}'}'",
+                   f"+callbacks.paired_floor={{_target_:bench.paired_floor,path:'{result}'}}"]
+        record = run_process(command, log, time.time(), args.timeout, env)
+        if record["returncode"] != 0 or not result.is_file():
+            tail = "\n".join(log.read_text().splitlines()[-25:])
+            raise SystemExit(f"error: the paired kit run (round {round_}) exited with {record['returncode']}; its "
+                             f"output ended:\n{tail}")
+        runs.append(json.loads(result.read_text()))
+        ratios = [kit / floor for floor, kit in runs[-1]]
+        print(f"round {round_ + 1}/{args.rounds} kit/floor train epoch, paired: "
+              + " ".join(f"{r:.2f}" for r in ratios), flush=True)
+    return runs
 
 
 # ---- the floor and classic children -------------------------------------------------------------
@@ -507,6 +588,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant, interleaved")
+    parser.add_argument("--paired", action="store_true",
+                        help="the kit alone, each training epoch timed beside a plain-PyTorch epoch in its process")
     parser.add_argument("--side-by-side", action="store_true",
                         help="run each round's variants at the same time (give --threads so that they fit the cores)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, all variants")
@@ -552,10 +635,22 @@ def main(argv: list[str] | None = None) -> None:
                 if k not in ("child", "spec", "start", "result", "json", "timeout")}
     settings.update(cores=os.cpu_count(), python=sys.version.split()[0])
     out = args.json or ROOT / "outputs" / "bench" / (
-        f"{args.dataset}_{args.model}_b{args.batch_size}_{args.device}{'_quick' if args.quick else ''}.json")
+        f"{args.dataset}_{args.model}_b{args.batch_size}_{args.device}{'_quick' if args.quick else ''}"
+        f"{'_paired' if args.paired else ''}.json")
     records = []
     with tempfile.TemporaryDirectory(prefix="mlplab-bench-") as tmp:
         work = Path(tmp)
+        if args.paired:
+            runs = run_paired(args, overrides, work)
+            later = [kit / floor for pairs in runs for floor, kit in (pairs[1:] if len(pairs) > 1 else pairs)]
+            ratio = statistics.median(later)
+            print(f"\n{args.dataset}, {args.model}, batch {args.batch_size}, {args.device}, {args.threads} threads, "
+                  f"{args.epochs} epochs, {args.rounds} rounds, paired in one process; kit/floor train epoch "
+                  f"(median over the epochs after the first): {ratio:.2f}   target <= {TARGETS['kit/floor epoch']}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"settings": settings, "paired_ratio": ratio, "runs": runs}, indent=2) + "\n")
+            print(f"\nwrote {out}")
+            return
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=2))
         for round_ in range(args.rounds):

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 BENCH = ROOT / "scripts" / "bench.py"
@@ -86,3 +88,17 @@ def test_side_by_side_refuses_more_threads_than_cores(tmp_path):
                              "--variants", "floor", "kit"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert f"more threads than the {cores} cores: give --threads {max(1, cores // 2)}" in result.stderr
+
+
+def test_paired_times_each_kit_epoch_beside_a_floor_epoch_in_its_process(data_root, tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(BENCH), "--paired", "--quick", "--threads", "1", "--data-root",
+                             str(data_root), "--val-size", "200", "--batch-size", "50", "--json", str(out)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "paired in one process; kit/floor train epoch" in result.stdout
+    record = json.loads(out.read_text())
+    (pairs,) = record["runs"]  # --quick: one round
+    assert len(pairs) == 2  # a (floor s, kit s) pair per epoch
+    assert all(floor > 0 and kit > 0 for floor, kit in pairs)
+    assert record["paired_ratio"] == pytest.approx(pairs[1][1] / pairs[1][0])  # the epochs after the first

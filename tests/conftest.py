@@ -89,8 +89,14 @@ def start_script(script: Path, args: list[str], cwd: Path, env: dict[str, str],
     if os.environ.get("MLPLAB_TEST_FRESH_PROCESSES") == "1":
         return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=cwd, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=start_new_session)
+                                start_new_session=start_new_session, preexec_fn=default_sigint)
     return PrewarmedScripts.instance().start(script, args, cwd, env, start_new_session)
+
+
+def default_sigint() -> None:
+    """SIGINT back to its default in a child about to exec: a background job of a non-interactive shell
+    (`bash .ci/run &`) starts with it ignored, which every process started from it would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_script(script: Path, args: list[str], cwd: Path, env: dict[str, str],

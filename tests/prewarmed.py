@@ -26,6 +26,7 @@ import json
 import os
 import runpy
 import select
+import signal
 import sys
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def become(request: dict) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C at Python's default, whatever this process inherited: a background job of a non-interactive shell
+    # (`bash .ci/run &`) starts with SIGINT ignored, and the tests that send it would otherwise see nothing happen
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path[0] = str(ROOT)
     for module in PRELOADED:  # train.py's imports: its `if __name__ == "__main__"` block does not run
         importlib.import_module(module)

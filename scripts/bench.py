@@ -235,8 +235,8 @@ def paired_floor(path: str) -> Any:
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(trainer.current_epoch))
             order = order.to(x.device)
             size = trainer.datamodule.batch_size
-            wait = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-            wait()
+            self.wait = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+            self.wait()
             start = time.perf_counter()
             for i in range(0, len(x), size):
                 rows = order[i:i + size]
@@ -244,13 +244,12 @@ def paired_floor(path: str) -> Any:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            wait()
+            self.wait()
             self.floor = time.perf_counter() - start
             self.kit_start = time.perf_counter()
 
         def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            if trainer.strategy.root_device.type == "cuda":
-                torch.cuda.synchronize()
+            self.wait()
             self.pairs.append((self.floor, time.perf_counter() - self.kit_start))
 
         def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -261,20 +260,13 @@ def paired_floor(path: str) -> Any:
 
 def run_paired(args: argparse.Namespace, overrides: list[str], work: Path) -> list[list[tuple[float, float]]]:
     """--paired: the kit alone, --rounds runs, each epoch paired with a floor epoch; returns each run's pairs."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "scripts"),
-                                                                      os.environ.get("PYTHONPATH")]))}
     runs = []
     for round_ in range(args.rounds):
-        result, log = work / f"paired_{round_}.json", work / f"paired_{round_}.log"
-        command = [sys.executable, str(ROOT / "train.py"), *overrides, "trainer.enable_progress_bar=false",
-                   f"hydra.run.dir='{work / f'paired_{round_}'}'",
-                   f"+callbacks.paired_floor={{_target_:bench.paired_floor,path:'{result}'}}"]
-        record = run_process(command, log, time.time(), args.timeout, env)
-        if record["returncode"] != 0 or not result.is_file():
-            tail = "\n".join(log.read_text().splitlines()[-25:])
-            raise SystemExit(f"error: the paired kit run (round {round_}) exited with {record['returncode']}; its "
-                             f"output ended:\n{tail}")
-        runs.append(json.loads(result.read_text()))
+        name = f"paired_{round_}"
+        command = kit_command(overrides, work / name,
+                              f"paired_floor={{_target_:bench.paired_floor,path:'{work / name}.json'}}")
+        _, pairs = run_to_result(f"the paired kit run (round {round_})", command, work / name, time.time(), args)
+        runs.append(pairs)
         ratios = [kit / floor for floor, kit in runs[-1]]
         print(f"round {round_ + 1}/{args.rounds} kit/floor train epoch, paired: "
               + " ".join(f"{r:.2f}" for r in ratios), flush=True)
@@ -482,30 +474,41 @@ def run_process(command: list[str], log: Path, start: float, timeout: float, env
             "peak_rss_mb": rss_bytes / 1e6}
 
 
+def kit_command(overrides: list[str], run_dir: Path, callback: str) -> list[str]:
+    """`python train.py <overrides>` into run_dir, without the progress bar, with one of this file's callbacks
+    added (`callback`: "<name>={_target_:bench....}")."""
+    return [sys.executable, str(ROOT / "train.py"), *overrides, "trainer.enable_progress_bar=false",
+            f"hydra.run.dir='{run_dir}'", f"+callbacks.{callback}"]
+
+
+def run_to_result(what: str, command: list[str], stem: Path, start: float,
+                  args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """Runs `command` (output to <stem>.log, this folder on PYTHONPATH for the kit's callbacks) and reads the
+    JSON it writes to <stem>.json; returns run_process's record and that JSON, or exits naming `what` failed."""
+    result, log = stem.with_suffix(".json"), stem.with_suffix(".log")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "scripts"),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    process = run_process(command, log, start, args.timeout, env)
+    if process["returncode"] != 0 or not result.is_file():
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        raise SystemExit(f"error: {what} exited with {process['returncode']}; its output ended:\n{tail}")
+    return process, json.loads(result.read_text())
+
+
 def run_variant(variant: str, round_: int, args: argparse.Namespace, overrides: list[str], spec_path: Path,
                 work: Path) -> dict[str, Any]:
     """One run of one variant in its own process; returns its record (the marks, times, RSS and load)."""
     name = f"{variant}_{round_}"
-    result, log = work / f"{name}.json", work / f"{name}.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "scripts"),
-                                                                      os.environ.get("PYTHONPATH")]))}
     load = machine_load()
     start = time.time()
     if variant in KIT_VARIANTS:
-        timer = f"{{_target_:bench.epoch_timer,path:'{result}',start:{start!r}}}"
-        command = [sys.executable, str(ROOT / "train.py"), *overrides, *KIT_VARIANTS[variant],
-                   "trainer.enable_progress_bar=false",
-                   f"hydra.run.dir='{work / name}'", f"+callbacks.epoch_timer={timer}"]
+        command = kit_command([*overrides, *KIT_VARIANTS[variant]], work / name,
+                              f"epoch_timer={{_target_:bench.epoch_timer,path:'{work / name}.json',start:{start!r}}}")
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--spec", str(spec_path),
-                   "--start", repr(start), "--result", str(result)]
-    record = {"variant": variant, "round": round_, "started_at": start, **load,
-              **run_process(command, log, start, args.timeout, env)}
-    if record["returncode"] != 0 or not result.is_file():
-        tail = "\n".join(log.read_text().splitlines()[-25:])
-        raise SystemExit(f"error: {variant} (round {round_}) exited with {record['returncode']}; its output ended:\n"
-                         f"{tail}")
-    marks = json.loads(result.read_text())
+                   "--start", repr(start), "--result", f"{work / name}.json"]
+    process, marks = run_to_result(f"{variant} (round {round_})", command, work / name, start, args)
+    record = {"variant": variant, "round": round_, "started_at": start, **load, **process}
     if variant in KIT_VARIANTS:  # the kit's own record: its test accuracy (of the best checkpoint)
         marks["test_acc"] = json.loads((work / name / "metrics.json").read_text())["metrics"]["test/acc"]
     for unit in ("s", "cpu_s"):

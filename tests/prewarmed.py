@@ -4,8 +4,9 @@ Importing torch, Lightning, torchmetrics (which imports torchvision and torch._d
 about 10 s of CPU, more than a tiny run itself; most tests run train.py, and the suite would spend most
 of its time importing. Run as a script, this file imports what train.py and scripts/ import, then
 serves requests, one JSON line each on stdin: {"script": path, "argv": [...], "cwd": ..., "env": {...},
-"stdout": path, "stderr": path, "start_new_session": bool}. For each it forks a child and answers "started <pid>"; when a child
-ends it answers "exited <pid> <code>" (negative: the signal that killed it, as subprocess reports it).
+"stdout": path, "stderr": path, "start_new_session": bool}. For each it forks a child and answers
+"started <pid>"; when a child ends it answers "exited <pid> <code>" (negative: the signal that killed it,
+as subprocess reports it).
 Several children may run at once.
 
 The child leaves the serving loop and becomes `python <script> <argv>`: its own working directory,
@@ -15,8 +16,8 @@ uncaught exception). It is a copy of a process that imported modules and ran not
 of multiprocessing's forkserver are. What it does not get is what the interpreter reads only when it starts:
 PYTHON* variables other than PYTHONPATH, -X options, and anything a module reads from the environment at
 import (the tests set none of these). Warnings printed while importing went to this server's log.
-conftest.py's PrewarmedScripts is the client; tests that start DDP ranks or submit SLURM jobs still start
-fresh interpreters there, as users' runs do.
+conftest.py's PrewarmedScripts is the client. What the runs start themselves is as in users' runs: DDP ranks
+fork from multiprocessing's forkserver (mlplab.launch), and SLURM, submitit and joblib start fresh interpreters.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, cli_env, read_json, run_cli, start_cli
+from conftest import TINY, PrewarmedProcess, read_json, run_cli, start_cli
 from mlplab.atomic import WriteError, write_atomically
 from mlplab.record import write_json
 
@@ -59,9 +59,9 @@ def fill(disk: Path, leave_kb: int) -> Path:
     return filler
 
 
-def start_run(out: Path, data_root: Path, cwd: Path) -> tuple[subprocess.Popen, dict]:
+def start_run(out: Path, data_root: Path, cwd: Path) -> subprocess.Popen | PrewarmedProcess:
     args = [*TINY, "trainer.max_epochs=6", "~callbacks.parameter_histograms", "~callbacks.test_figures"]
-    return start_cli([*args, f"hydra.run.dir={out}"], data_root, cwd), cli_env(data_root)
+    return start_cli([*args, f"hydra.run.dir={out}"], data_root, cwd)
 
 
 def wait_for(proc: subprocess.Popen, *paths: Path) -> None:
@@ -84,7 +84,7 @@ def one_error_line(proc: subprocess.Popen, out: Path) -> str:
 
 def test_a_disk_full_before_the_first_checkpoint_leaves_no_broken_one(small_disk, data_root, tmp_path):
     out = small_disk / "run"
-    proc, _ = start_run(out, data_root, tmp_path)
+    proc = start_run(out, data_root, tmp_path)
     wait_for(proc, out / "resolved_config.yaml")  # written before the data is loaded: training has not begun
     fill(small_disk, leave_kb=48)  # room for the small JSON files, none for a 1.6 MB checkpoint
     line = one_error_line(proc, out)
@@ -95,7 +95,7 @@ def test_a_disk_full_before_the_first_checkpoint_leaves_no_broken_one(small_disk
 
 def test_a_full_disk_keeps_the_last_good_checkpoints_and_ends_in_one_line(small_disk, data_root, tmp_path):
     out = small_disk / "run"
-    proc, env = start_run(out, data_root, tmp_path)
+    proc = start_run(out, data_root, tmp_path)
     last, best = out / "checkpoints" / "last.ckpt", out / "checkpoints" / "best.ckpt"
     wait_for(proc, last, best)
     filler = fill(small_disk, leave_kb=48)

@@ -196,14 +196,14 @@ def test_the_continue_command_reads_back_as_the_same_paths(folder, tmp_path):
 
 def test_an_interrupted_sweep_reports_the_jobs_that_ran_and_its_resume_command_runs(data_root, tmp_path):
     sweep = tmp_path / "sweep"
-    # job 0: 2 epochs, finishes; job 1: 300 epochs, interrupted after its first. The job dirs hold '=' and ','.
-    # (300: tiny epochs take tens of ms, and a test process on a loaded machine was seen to notice job 1's first
-    # checkpoint only after 30 of them had run.)
+    # job 0: 2 epochs, finishes; job 1: 100 epochs, interrupted after its first. The job dirs hold '=' and ','.
+    # (100: tiny epochs take tens of ms, and a test process on a loaded machine was seen to notice job 1's first
+    # checkpoint only after 30 of them had run; the resume command below then runs the rest.)
     args = ["-m", *TINY, *QUIET,
-            "trainer.max_epochs=2,300", "seed=4", f"hydra.sweep.dir={sweep}",
+            "trainer.max_epochs=2,100", "seed=4", f"hydra.sweep.dir={sweep}",
             "hydra.sweep.subdir='${hydra.job.num}_epochs=${trainer.max_epochs},seed=4'"]
     proc = start_cli(args, data_root, cwd=tmp_path)
-    job1 = sweep / "1_epochs=300,seed=4"
+    job1 = sweep / "1_epochs=100,seed=4"
     deadline = time.time() + 180
     while not ((job1 / "history.json").exists() and last_of(job1).exists()) and time.time() < deadline:
         assert proc.poll() is None, f"the sweep ended before the signal: {proc.communicate()[1]}"
@@ -223,4 +223,4 @@ def test_an_interrupted_sweep_reports_the_jobs_that_ran_and_its_resume_command_r
     result = run_cli(argv[2:], data_root, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     record = read_json(job1 / "metrics.json")
-    assert record["status"] == "ok" and record["epochs"] == 300
+    assert record["status"] == "ok" and record["epochs"] == 100

@@ -31,6 +31,8 @@ TRAIN_PY = ROOT / "train.py"
 
 # Tiny settings for any run: the CPU and conf/debug/tiny.yaml (one epoch of small batches, no progress bar).
 TINY = ["trainer=cpu", "debug=tiny"]
+# debug=tiny turns the test figures off; the tests that look at them put them back
+TEST_FIGURES_ON = ["callbacks.test_figures={_target_:mlplab.figures.TestFigures,image_shape:[28,28]}"]
 
 
 def write_idx_dataset(root: Path, folder: str, n_train: int = 1200, n_test: int = 400, seed: int = 0) -> None:

@@ -60,7 +60,7 @@ def fill(disk: Path, leave_kb: int) -> Path:
 
 
 def start_run(out: Path, data_root: Path, cwd: Path) -> subprocess.Popen | PrewarmedProcess:
-    args = [*TINY, "trainer.max_epochs=6", "~callbacks.parameter_histograms", "~callbacks.test_figures"]
+    args = [*TINY, "trainer.max_epochs=6", "~callbacks.parameter_histograms"]
     return start_cli([*args, f"hydra.run.dir={out}"], data_root, cwd)
 
 

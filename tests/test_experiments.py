@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CONF, ROOT, TINY, read_json, run_cli, run_script
+from conftest import CONF, ROOT, TEST_FIGURES_ON, TINY, read_json, run_cli, run_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXPERIMENTS = ("activation_study", "best_mlp", "depth_study", "dying_relu", "loss_study", "optimizer_study",
@@ -62,7 +62,8 @@ def test_tutorial_quirk_is_a_relu_on_the_logits_and_the_fix_removes_it():
 
 def test_test_figures_and_histograms_reach_tensorboard_and_render_to_png(data_root, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_cli([*TINY, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"], data_root, cwd=tmp_path)
+    result = run_cli([*TINY, *TEST_FIGURES_ON, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"], data_root,
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "histograms": 0})

@@ -253,8 +253,8 @@ def test_few_batches_warning_is_silenced_for_fast_path_fits_alone(steps_per_call
     applies. The silencing ends with the fit."""
     import warnings
 
-    cfg = compose_config([f"data.steps_per_call={steps_per_call}", "~callbacks.parameter_histograms",
-                          "~callbacks.test_figures"], tmp_path, data_root)
+    cfg = compose_config([f"data.steps_per_call={steps_per_call}", "~callbacks.parameter_histograms"], tmp_path,
+                         data_root)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         before = list(warnings.filters)

@@ -147,7 +147,7 @@ def test_a_diverging_job_fails_alone_and_the_sweep_exits_non_zero_at_the_end(dat
 
 # ------------------------------------------------------------------ interruption and resume
 
-LONG = ["model.hidden_sizes=[16]", "trainer.max_epochs=20", "~callbacks.parameter_histograms", "~callbacks.test_figures",
+LONG = ["model.hidden_sizes=[16]", "trainer.max_epochs=20", "~callbacks.parameter_histograms",
         "seed=5", "trainer.limit_train_batches=1.0", "trainer.limit_val_batches=1.0"]  # TINY added both limits
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, compose_config, read_json, run_cli
+from conftest import TEST_FIGURES_ON, TINY, compose_config, read_json, run_cli
 from mlplab.hparams import hparams_of
 
 SWEEP = ["data=fashion_mnist", "activation=relu,softplus", "seed=0,1", "trainer.max_epochs=2"]
@@ -86,7 +86,8 @@ def outputs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path), as train.py leaves them."""
     outputs = tmp_path_factory.mktemp("outputs")
     sweep = outputs / "multirun" / "sweep"
-    result = run_cli(["-m", *TINY, *SWEEP, f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"],
+    result = run_cli(["-m", *TINY, *TEST_FIGURES_ON, *SWEEP, f"hydra.sweep.dir={sweep}",
+                      "hydra.sweep.subdir=${hydra.job.num}"],
                      data_root, cwd=outputs)
     assert result.returncode == 0, result.stderr
     single = outputs / "runs" / "single"

@@ -23,7 +23,7 @@ from mlplab.resume import ResumeError, RunFolder, continue_command
 from mlplab.config import ConfigError
 from mlplab.train import run
 
-QUIET = ["~callbacks.parameter_histograms", "~callbacks.test_figures", "model.hidden_sizes=[16]"]
+QUIET = ["~callbacks.parameter_histograms", "model.hidden_sizes=[16]"]
 
 
 @pytest.fixture(scope="module")

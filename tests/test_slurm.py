@@ -36,7 +36,7 @@ SBATCH = ROOT / "scripts" / "train.sbatch"
 # Long enough that scancel lands mid-run once the first epoch has been saved; full epochs so that a resume
 # from last.ckpt can equal the uninterrupted run, and one thread wherever it runs (a SLURM task without -c
 # gets one core), so that it equals it bit for bit.
-LONG = ["model.hidden_sizes=[16]", "trainer.max_epochs=5", "~callbacks.parameter_histograms", "~callbacks.test_figures",
+LONG = ["model.hidden_sizes=[16]", "trainer.max_epochs=5", "~callbacks.parameter_histograms",
         "seed=5", "trainer.limit_train_batches=1.0", "trainer.limit_val_batches=1.0", "torch_threads=1"]
 
 

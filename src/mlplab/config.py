@@ -69,9 +69,11 @@ def build_module(cfg: DictConfig, datamodule: ImageClassificationData) -> Classi
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """The callbacks of cfg.callbacks, in their order (the first ModelCheckpoint is trainer.checkpoint_callback)."""
+    """The callbacks of cfg.callbacks, in their order (the first ModelCheckpoint is trainer.checkpoint_callback).
+    An entry set to null is off (`callbacks.test_figures=null`), as in lightning-hydra-template."""
     # trainer.enable_progress_bar=false must not meet a progress-bar callback (Lightning refuses the pair)
-    names = [n for n in (cfg.callbacks or {}) if n != "progress_bar" or cfg.trainer.enable_progress_bar]
+    names = [n for n, c in (cfg.callbacks or {}).items()
+             if c is not None and (n != "progress_bar" or cfg.trainer.enable_progress_bar)]
     return [build(cfg, f"callbacks.{name}") for name in names]
 
 

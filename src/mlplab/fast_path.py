@@ -89,7 +89,7 @@ def fast_path_refusals(cfg: DictConfig) -> list[str]:
             refusals.append(f"trainer.{key}={value} counts Lightning batches, which hold "
                             f"data.steps_per_call={cfg.data.steps_per_call} steps each here: {fix}")
     for name, callback in (cfg.callbacks or {}).items():
-        if OmegaConf.select(callback, "every_n_train_steps", default=None):
+        if callback is not None and OmegaConf.select(callback, "every_n_train_steps", default=None):
             refusals.append(f"callbacks.{name}.every_n_train_steps fires only where a group of "
                             f"data.steps_per_call={cfg.data.steps_per_call} steps ends: use every_n_epochs, "
                             "or set data.steps_per_call=1")

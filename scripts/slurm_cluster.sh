@@ -94,6 +94,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
 SchedulerType=sched/backfill
+# the main scheduling pass every second (SLURM's default: 60 s): it is the pass that starts a requeued job once
+# its cred_expire wait is over, which otherwise waited up to a minute more
+SchedulerParameters=sched_interval=1
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 KillWait=30

@@ -210,7 +210,9 @@ def paired_floor(path: str) -> Any:
     The floor epoch trains a copy of the kit's current model with a new optimizer of the same class and
     settings (the epoch's learning rate included), over the kit's own training tensors in a shuffled order
     of its own, in slices of the kit's batch size: the floor's loop. Then the kit's epoch runs, timed up to
-    on_train_epoch_end (its steps and Lightning's batch loop; not its val pass or what comes after).
+    the end of its last training batch: its steps, Lightning's batch loop, the train metrics and the last
+    batch's histograms. Not what follows in Lightning 2.x's epoch: the val pass (run at the last batch's
+    end), on_train_epoch_end's checkpoints and diagnostics (timed apart by the default mode).
     Same process, same threads, same data, seconds apart: the machine's drift reaches both alike. Writes
     [(floor s, kit s), ...] to `path` when fitting ends.
     """
@@ -248,9 +250,12 @@ def paired_floor(path: str) -> Any:
             self.floor = time.perf_counter() - start
             self.kit_start = time.perf_counter()
 
-        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self.wait()
-            self.pairs.append((self.floor, time.perf_counter() - self.kit_start))
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                               batch_idx: int) -> None:
+            # the last batch's end: callbacks listed before this one (the histograms) have run, val has not
+            if batch_idx + 1 == trainer.num_training_batches:
+                self.wait()
+                self.pairs.append((self.floor, time.perf_counter() - self.kit_start))
 
         def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             Path(path).write_text(json.dumps(self.pairs) + "\n")

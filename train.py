@@ -60,11 +60,10 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(f"error: {err}" if launcher_rank() == 0 else 1)  # under srun or torchrun: one line, rank 0's
         raise
     metrics = record["metrics"]
-    if launcher_rank() != 0:  # under torchrun or srun every rank runs this script: rank 0 reports
-        return metrics["val/acc"]
-    print(f"test/acc {metrics['test/acc']:.4f}  test/loss {metrics['test/loss']:.4f}  "
-          f"{record['epochs']} epochs  {record['wall_time_s']:.1f} s  {cfg.output_dir}")
-    return metrics["val/acc"]  # what an Optuna sweep maximises
+    if launcher_rank() == 0:  # under torchrun or srun every rank runs this script: rank 0 reports
+        tested = "".join(f"{name} {metrics[name]:.4f}  " for name in ("test/acc", "test/loss") if name in metrics)
+        print(f"{tested}{record['epochs']} epochs  {record['wall_time_s']:.1f} s  {cfg.output_dir}")
+    return metrics.get("val/acc")  # what an Optuna sweep maximises; None where no val pass ran
 
 
 if __name__ == "__main__":

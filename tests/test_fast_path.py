@@ -186,9 +186,14 @@ def test_bf16_mixed_precision_trains(steps_per_call, data_root, tmp_path):
 
 @pytest.mark.parametrize("steps_per_call", [1, 8])
 def test_fast_dev_run_and_the_profiler_run(steps_per_call, data_root, tmp_path):
-    assert run(compose_config([*SMALL_DATA, f"data.steps_per_call={steps_per_call}", "debug=fdr"], tmp_path / "fdr",
-                              data_root))["status"] == "ok"
-    assert not (tmp_path / "fdr" / "checkpoints").exists()  # fast_dev_run writes no checkpoints
+    # fast_dev_run=N: N Lightning batches, the last one validated, then a test pass: N optimiser steps on the
+    # textbook path, N groups of steps_per_call on the fast path (README, "The fast path")
+    for n, overrides in ((1, ["debug=fdr"]), (2, ["trainer.fast_dev_run=2"])):
+        record = run(compose_config([*SMALL_DATA, f"data.steps_per_call={steps_per_call}", *overrides],
+                                    tmp_path / f"fdr{n}", data_root))
+        assert record["status"] == "ok" and [row["step"] for row in record["history"]] == [n * steps_per_call]
+        assert {"val/acc", "test/acc"} <= set(record["metrics"]), record["metrics"]
+        assert not (tmp_path / f"fdr{n}" / "checkpoints").exists()  # fast_dev_run writes no checkpoints
     assert run(compose_config([*SMALL_DATA, f"data.steps_per_call={steps_per_call}", "debug=profiler"], tmp_path / "profiler",
                               data_root))["status"] == "ok"
     assert "run_training_epoch" in (tmp_path / "profiler" / "fit-profile.txt").read_text()  # the profiler's table

@@ -259,6 +259,11 @@ class FastPathClassifier(Classifier):
 
     def on_fit_start(self) -> None:
         step_counter(self.trainer)  # fails here, naming the attribute, if Lightning moved it
+        if self.trainer.fast_dev_run:
+            # Lightning's fast_dev_run=N sets max_steps=N as well as limit_*_batches=N and max_epochs=1. Its
+            # max_steps counts optimiser steps, which would stop the run inside the first group, before any
+            # val pass; the limits alone end it after N groups, the last one validated as usual.
+            self.trainer.fit_loop.epoch_loop.max_steps = -1  # where Lightning set it (_init_debugging_flags)
         self.plain_backward = plain_backward_suffices(self.trainer)
         self.plain_step = plain_step_suffices(self.trainer)
 

@@ -42,15 +42,19 @@ def test_a_folder_where_an_idx_file_should_be_is_named_and_nothing_is_downloaded
         run(compose_config([], tmp_path / "run", own_data))
 
 
-def test_evaluate_script_on_a_text_file_is_one_error_line(tmp_path):
+def test_evaluate_script_on_a_text_file_or_a_folder_is_one_error_line(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
     result = run_script(ROOT / "scripts" / "evaluate.py", [text], tmp_path, dict(os.environ), timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
-        f"error: checkpoint={text} is not a readable checkpoint (UnpicklingError: "
+        f"error: {text} is not a readable checkpoint (UnpicklingError: "
         + result.stderr.split("(UnpicklingError: ", 1)[1].strip()]
     assert "Traceback" not in result.stderr
+    # a run folder: the hint is the file itself, as the script takes it (a positional argument)
+    result = run_script(ROOT / "scripts" / "evaluate.py", [tmp_path], tmp_path, dict(os.environ), timeout=120)
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [
+        f"error: {tmp_path} is a folder, not a checkpoint file. Give the file, e.g. {tmp_path}/checkpoints/last.ckpt"]
 
 
 # ------------------------------------------------------------------ property: every group, any override

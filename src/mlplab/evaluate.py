@@ -28,7 +28,7 @@ def load_checkpoint(path: str | Path, data_root: str | None = None
         path: a .ckpt written by a run.
         data_root: read the data from here instead of the root the run used.
     """
-    checkpoint = read_checkpoint(path, key="checkpoint")  # a clear ResumeError (ValueError) for a text file, a folder...
+    checkpoint = read_checkpoint(path, key=None)  # a clear ResumeError (ValueError) for a text file, a folder...
     cfg = OmegaConf.create(checkpoint["config"])
     if data_root is not None:
         cfg.data.root = data_root

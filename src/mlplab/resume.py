@@ -47,33 +47,35 @@ class ResumeError(ValueError):
     """A resume or a run folder that cannot be used as asked; the message names the file or key and the fix."""
 
 
-def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
+def read_checkpoint(path: str | Path, key: str | None = "ckpt_path") -> dict[str, Any]:
     """Loads a checkpoint written by this kit (on the CPU, weights_only), or says plainly why it is not one.
 
     Args:
         path: the .ckpt file.
-        key: how the user gave the path, for the message (a config key or "checkpoint").
+        key: the config key the user gave the path with, for the message; None for a script's positional
+            argument (the message then names the path alone).
 
     Raises:
         ResumeError: missing, a folder, unreadable (truncated, not a checkpoint) or not written by this kit.
     """
     path = Path(path)
+    given = (lambda p: f"{key}={p}") if key else str  # how the user writes it: ckpt_path=<path>, or the path
     if not path.exists():
-        raise ResumeError(f"{key}={path} does not exist. Give the path of a checkpoint a run wrote, "
+        raise ResumeError(f"{given(path)} does not exist. Give the path of a checkpoint a run wrote, "
                           "e.g. <run dir>/checkpoints/last.ckpt")
     if path.is_dir():
         hint = next((str(p) for p in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if p.is_file()),
                     f"{path}/checkpoints/last.ckpt")
-        raise ResumeError(f"{key}={path} is a folder, not a checkpoint file. Give the file, e.g. {key}={hint}")
+        raise ResumeError(f"{given(path)} is a folder, not a checkpoint file. Give the file, e.g. {given(hint)}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError...: all mean the same here
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ResumeError(f"{key}={path} is not a readable checkpoint ({type(err).__name__}: {reason[:120]}); it is "
+        raise ResumeError(f"{given(path)} is not a readable checkpoint ({type(err).__name__}: {reason[:120]}); it is "
                           "truncated or not a checkpoint. Give another one, e.g. the run's checkpoints/best.ckpt or "
                           "checkpoints/last.ckpt") from err
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
-        raise ResumeError(f"{key}={path} was not written by an mlplab run (it has no 'config' entry). Give a "
+        raise ResumeError(f"{given(path)} was not written by an mlplab run (it has no 'config' entry). Give a "
                           "checkpoint from a run's checkpoints/ folder")
     return checkpoint
 

@@ -577,6 +577,8 @@ def format_table(settings: dict[str, Any], summary: dict[str, Any]) -> str:
         cells = ("-" if v[key] is None else format(v[key], fmt) for key, (_, fmt) in COLUMNS.items())
         lines.append(f"{variant:<9}" + "".join(f"{cell:>13}" for cell in cells))
     lines.append("")
+    if settings["quick"]:
+        lines.append("--quick: a smoke run; the targets below are read from full runs (no --quick)")
     for name, value in summary["ratios"].items():
         target = TARGETS.get(name)
         lines.append(f"{name:<18}{value:8.2f}" + (f"   target <= {target}" if target is not None else ""))

@@ -35,6 +35,7 @@ def test_quick_bench_runs_every_variant_prints_the_table_and_writes_json(data_ro
                  "kit wall s", "kit peak RSS MB"):
         assert any(line.startswith(name) for line in lines), name
     assert f"wrote {out}" in result.stdout
+    assert "--quick: a smoke run; the targets below are read from full runs" in result.stdout
 
     record = json.loads(out.read_text())
     settings = record["settings"]

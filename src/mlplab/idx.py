@@ -92,7 +92,7 @@ def ensure_split_files(root: str | Path, info: DatasetInfo, split: str) -> None:
         except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
             raise DataError(
                 f"{dataset}: {', '.join(missing)} not found in {raw.resolve()} and the download failed "
-                f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}). "
+                f"({type(err).__name__}: {' '.join(str(err).split())[:300]}). "
                 f"Fix: put the four IDX files ({', '.join(n for s in IDX_FILES.values() for n in s.values())}) "
                 f"in {raw.resolve()}, or point the kit at a folder that has them with "
                 f"`DATA_DIR=/path/to/data` or `data.root=/path/to/data` (the folder that contains {info.folder}/raw)."

@@ -405,8 +405,11 @@ def run_child(variant: str, spec_path: Path, start: float, result: Path) -> None
     """Runs the floor or classic variant in this process and writes its marks to `result`."""
     import torch
 
+    from mlplab.allocator import keep_freed_memory
+
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
+    keep_freed_memory()  # as the kit's run() does: the same allocator on both sides of the ratio
     clock = Clock(start, torch.cuda.synchronize if spec["device"] == "cuda" else lambda: None)
     accuracy = {"floor": floor, "classic": classic}[variant](spec, clock)
     clock.write(result, test_acc=accuracy)

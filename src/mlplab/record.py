@@ -13,7 +13,8 @@ metrics.json (written by global rank 0, at the end and on every failure) holds:
     resumed_from      the checkpoint the run continued from (ckpt_path, or last.ckpt in a requeued SLURM job), or null
     slurm             {"job_id", "restarts" (times SLURM requeued the job)} in a SLURM job, else null
     choices, overrides  the Hydra group choices and command-line overrides of this job
-    environment       python and package versions, git commit (and whether the tree was dirty), host
+    environment       python and package versions, git commit (and whether the tree was dirty), host, torch
+                      threads, and whether glibc keeps freed memory (mlplab.allocator)
 The resolved config is saved beside it as resolved_config.yaml.
 """
 

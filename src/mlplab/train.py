@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from mlplab.allocator import keep_freed_memory
 from mlplab.atomic import WriteError
 from mlplab.config import (ConfigError, build, build_callbacks, build_logger, build_module, build_trainer, check_config,
                            threads_for_job)
@@ -90,6 +91,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         if threads is not None:
             torch.set_num_threads(threads)
         record["environment"]["torch_threads"] = torch.get_num_threads()
+        record["environment"]["keeps_freed_memory"] = keep_freed_memory()  # glibc: no page faults per step
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         # build
         datamodule = build(cfg, "data")

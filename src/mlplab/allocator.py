@@ -7,9 +7,9 @@ allocation faults every 4 KiB page of it in again, zeroed by the kernel: thousan
 pass, and as many in some training epochs, in the kit's processes and in plain PyTorch loops alike.
 `keep_freed_memory` raises that threshold, so that freed memory stays in the heap for the next step (the
 reuse PyTorch's CPU performance tuning guide gets from jemalloc or tcmalloc). The process's peak memory is
-the same; it is kept after the peak instead of returned. Blocks of M_MMAP_THRESHOLD or more (the dataset's
-tensors) are still mapped and unmapped on their own, so freeing a split (mlplab.data's teardown) still
-gives its memory back.
+the same or near it: what the heap keeps is what its steps and val passes use again. Blocks of
+M_MMAP_THRESHOLD or more (a split's tensors, a test pass's activations) are still mapped and unmapped on their
+own, so that freeing a split (mlplab.data's teardown) gives its memory back.
 
 Nothing here imports torch: scripts/bench.py's plain-PyTorch floor calls it too, so that its ratio compares
 the kit with a loop that runs under the same allocator settings.
@@ -24,7 +24,7 @@ import sys
 # mallopt's parameters (glibc's <malloc.h>)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 TRIM_THRESHOLD = 1 << 30  # free bytes at the heap's top before it is given back: more than any step frees
-MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its moving threshold on 64-bit systems
+MMAP_THRESHOLD = 8 << 20  # above a val pass's activations (5000 x 200 floats, 4 MB), below a split's tensors
 # What a user sets to choose the allocator's behaviour themselves; the kit then leaves it alone
 USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
 

@@ -10,7 +10,7 @@ import pytest
 
 from mlplab.allocator import USER_SETTINGS, keep_freed_memory
 
-# A 6 MB block (more than a val pass's 5000 x 200 floats of activations per layer, 4 MB) allocated, written and freed,
+# A 12 MB block (three layers of a val pass's activations, 5000 x 200 floats each) allocated, written and freed,
 # again and again, in a child process (mallopt is per process). The child first sets glibc to give back all
 # free memory at the heap's top on every free (trim threshold 0): the worst case of its default, moving
 # thresholds, which do so some of the time, depending on what was freed before. It prints whether
@@ -24,7 +24,7 @@ ROUNDS = textwrap.dedent("""
     kept = keep_freed_memory() if sys.argv[1] == "keep" else False
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    def one_round(size=6 << 20):
+    def one_round(size=12 << 20):
         block = libc.malloc(size)
         ctypes.memset(block, 1, size)
         libc.free(block)
@@ -53,9 +53,9 @@ def faults_after_warm_up(mode: str, **settings: str) -> tuple[bool, int]:
 def test_freed_memory_is_reused_without_page_faults():
     kept, faults = faults_after_warm_up("keep")
     assert kept
-    assert faults < 100  # 5 rounds x 1536 pages, were the block given back each time
+    assert faults < 5  # 5 rounds x 3072 pages (or 6 huge pages), were the block given back each time
     _, faults_by_default = faults_after_warm_up("default")
-    assert faults_by_default > 1000  # without it, the freed blocks are given back and faulted in again
+    assert faults_by_default >= 5  # without it, the block is given back and faulted in again every round
 
 
 @glibc_only

@@ -7,9 +7,9 @@ allocation faults every 4 KiB page of it in again, zeroed by the kernel: thousan
 pass, and as many in some training epochs, in the kit's processes and in plain PyTorch loops alike.
 `keep_freed_memory` raises that threshold, so that freed memory stays in the heap for the next step (the
 reuse PyTorch's CPU performance tuning guide gets from jemalloc or tcmalloc). The process's peak memory is
-the same or near it: what the heap keeps is what its steps and val passes use again. Blocks of
-M_MMAP_THRESHOLD or more (a split's tensors, a test pass's activations) are still mapped and unmapped on their
-own, so that freeing a split (mlplab.data's teardown) gives its memory back.
+higher by what the heap keeps instead of giving back (measured in the README, Performance). Blocks of
+M_MMAP_THRESHOLD or more (the training split's tensor) are still mapped and unmapped on their own, so that
+freeing the training split (mlplab.data's teardown) gives its memory back.
 
 Nothing here imports torch: scripts/bench.py's plain-PyTorch floor calls it too, so that its ratio compares
 the kit with a loop that runs under the same allocator settings.
@@ -24,7 +24,7 @@ import sys
 # mallopt's parameters (glibc's <malloc.h>)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 TRIM_THRESHOLD = 1 << 30  # free bytes at the heap's top before it is given back: more than any step frees
-MMAP_THRESHOLD = 8 << 20  # above a val pass's activations (5000 x 200 floats, 4 MB), below a split's tensors
+MMAP_THRESHOLD = 32 << 20  # the ceiling of glibc's own moving threshold (64-bit), which setting it stops
 # What a user sets to choose the allocator's behaviour themselves; the kit then leaves it alone
 USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
 
@@ -43,5 +43,6 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    # setting either fixes both: glibc stops moving them at run time once one is set
+    # setting either fixes both: glibc stops moving them at run time once one is set, so the mmap threshold is
+    # set where glibc's own would end up after freeing large blocks, not left where it happens to be now
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

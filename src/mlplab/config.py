@@ -18,7 +18,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mlplab.atomic import AtomicCheckpointIO
@@ -91,11 +90,8 @@ def build_trainer(cfg: DictConfig, callbacks: Sequence[L.Callback], logger: Any)
         handed_over = {"gradient_clip_val": None, "gradient_clip_algorithm": None}
         if (limit := train_step_limit(cfg)) is not None:
             handed_over["limit_train_batches"] = math.ceil(limit / cfg.data.steps_per_call)
-    # Checkpoints written atomically in their own folder, whatever filesystem it is on (mlplab.atomic), by
-    # Lightning's AsyncCheckpointIO: it copies the tensors here and serialises and writes them in a thread while
-    # training goes on. A failed write (a full disk) is raised at the next save or when fit ends, whichever
-    # comes first, with the previous file whole; fit's end, normal or not, waits for the writes in flight.
-    plugins: list[Any] = [AsyncCheckpointIO(AtomicCheckpointIO())]
+    # checkpoints written atomically in their own folder, whatever filesystem it is on (mlplab.atomic)
+    plugins: list[Any] = [AtomicCheckpointIO()]
     if in_step():  # the kit stops and requeues on the time-limit signal (mlplab.launch), at an epoch's checkpoint;
         plugins.append(SLURMEnvironment(auto_requeue=False))  # Lightning's requeue saves mid-epoch (hpc_ckpt)
     return build(cfg, "trainer", logger=logger, callbacks=list(callbacks), default_root_dir=cfg.output_dir,

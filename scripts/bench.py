@@ -19,12 +19,12 @@ test at the end:
     classic  the tutorial loop: torchvision dataset + DataLoader + per-sample ToTensor/Normalize.
 Each run is its own process, started by this script, so imports, start-up and peak RSS are per
 variant, and each keeps its freed memory for the next step (mlplab.allocator: the kit's run() and the
-floor and classic children call it alike). Rounds are interleaved (floor kit classic floor kit classic ...)
-so that a noisy machine slows all variants alike. On a machine whose speed drifts within a run (a shared VM: epochs of one
-process were seen to vary 2x over tens of seconds), --side-by-side starts a round's variants at the
-same moment instead, each on its own cores (variants x --threads <= cores), so that each round's
-ratios compare epochs run under the same conditions; the kit starts its first epoch a few seconds
-after the floor (its imports), and runs its last ones after the floor has ended.
+floor and classic children call it alike). Rounds are interleaved (floor kit classic floor kit classic
+...) so that a noisy machine slows all variants alike. On a machine whose speed drifts within a run (a
+shared VM: epochs of one process were seen to vary 2x over tens of seconds), --side-by-side starts a
+round's variants at the same moment instead, each on its own cores (variants x --threads <= cores), so
+that each round's ratios compare epochs run under the same conditions; the kit starts its first epoch a
+few seconds after the floor (its imports), and runs its last ones after the floor has ended.
 --paired goes further: the kit alone, each of its training epochs preceded by a plain-PyTorch epoch
 in the same process over the same tensors (`paired_floor`); the ratio compares the training steps
 only, seconds apart, without val passes, checkpoints or start-up. Per variant, the medians over rounds of:

@@ -20,7 +20,9 @@ test at the end:
 Each run is its own process, started by this script, so imports, start-up and peak RSS are per
 variant, and each keeps its freed memory for the next step (mlplab.allocator: the kit's run() and the
 floor and classic children call it alike). Rounds are interleaved (floor kit classic floor kit classic
-...) so that a noisy machine slows all variants alike. On a machine whose speed drifts within a run (a
+...) so that a noisy machine slows all variants alike, and one more floor run closes the last round, so
+that every run lies between two floor runs: a ratio to the floor divides by the geometric mean of the
+two, which cancels a speed that drifts steadily through the benchmark. On a machine whose speed drifts within a run (a
 shared VM: epochs of one process were seen to vary 2x over tens of seconds), --side-by-side starts a
 round's variants at the same moment instead, each on its own cores (variants x --threads <= cores), so
 that each round's ratios compare epochs run under the same conditions; the kit starts its first epoch a
@@ -46,8 +48,13 @@ only, seconds apart, without val passes, checkpoints or start-up. Per variant, t
     diag s        train.py's per-layer diagnostics at each epoch's end (mlplab.diagnostics, part of
                   epoch s), median over the epochs after the first; printed as a share of the epoch
                   too, in wall and CPU seconds (issue #17's bound: 3%)
+    record s      all that train.py records each epoch and the floor does not, part of epoch s: its
+                  checkpoints (ModelCheckpoint's save hooks), diagnostics, parameter histograms and
+                  history.json; printed part by part below the table, and as a share of the epoch
     test acc      of the final weights; the kit's of its best checkpoint (by val/acc)
-and the ratios kit/floor and classic/kit, each the median of the per-round ratios. The table is
+and the ratios kit/floor and classic/kit, each the median of the per-round ratios, and "kit/floor
+epoch less recording": the kit's epochs less their record s, to the floor's (its loop, Lightning's
+per-batch and val work, and the process it runs in, without what it writes). The table is
 printed with the machine's load average, and written as JSON (--json) with every run's record.
 The kit's marks come from a callback added to train.py with
 `+callbacks.epoch_timer={_target_: bench.epoch_timer, ...}` (one more callback in Lightning's
@@ -60,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -74,6 +82,8 @@ from typing import Any, Callable, Iterable, Iterator
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("floor", "kit", "textbook", "classic")
 KIT_VARIANTS = {"kit": [], "textbook": ["data.steps_per_call=1"]}  # train.py runs, with their overrides
+# What the kit records every epoch and the floor does not, timed in its epoch_timer callback
+RECORDING = ("checkpoints", "diagnostics", "histograms", "history")
 QUICK_EPOCHS, QUICK_BATCHES = 2, 64  # --quick: the second epoch gives one epoch time after the first; 64: one call at conf/data's steps_per_call
 # issue #4's targets for the default MLP at batch 200 and 64 on a 2-core CPU (printed, never enforced)
 TARGETS = {"kit/floor epoch": 1.10, "kit first step s": 3.0, "kit wall s": 20.0, "kit peak RSS MB": 1200.0,
@@ -95,7 +105,7 @@ class Clock:
         self.marks: dict[str, Any] = {"first_step_s": None, "epoch_starts_s": [], "train_end_s": None,
                                       "epoch_starts_cpu_s": [], "train_end_cpu_s": None,
                                       "val_s": [], "test_s": None, "figures_s": None,
-                                      "diagnostics_s": [], "diagnostics_cpu_s": []}
+                                      **{f"{part}{unit}_s": [] for part in RECORDING for unit in ("", "_cpu")}}
         self.began: dict[str, float] = {}
 
     def now(self) -> float:
@@ -141,8 +151,18 @@ def epoch_timer(path: str, start: float) -> Any:
     """
     import lightning as L
     import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from mlplab.diagnostics import LayerDiagnostics
+    from mlplab.figures import ParameterHistograms
+    from mlplab.record import EpochHistory
+
+    # RECORDING's parts: the callbacks that do each, and their hooks that do it (ModelCheckpoint saves in
+    # on_validation_end or on_train_epoch_end, by whether a val pass ran; ParameterHistograms at the last batch)
+    recorders = {"checkpoints": (ModelCheckpoint, ("on_validation_end", "on_train_epoch_end")),
+                 "diagnostics": (LayerDiagnostics, ("on_train_epoch_end",)),
+                 "histograms": (ParameterHistograms, ("on_train_batch_end",)),
+                 "history": (EpochHistory, ("on_train_epoch_end",))}
 
     class EpochTimer(L.Callback):
         def __init__(self) -> None:
@@ -153,19 +173,26 @@ def epoch_timer(path: str, start: float) -> Any:
                 cuda = trainer.strategy.root_device.type == "cuda"
                 self.clock = Clock(start, torch.cuda.synchronize if cuda else lambda: None)
                 for callback in trainer.callbacks:  # Lightning looks the hook up on the instance: time it there
-                    if isinstance(callback, LayerDiagnostics):
-                        callback.on_train_epoch_end = self.timed(callback.on_train_epoch_end)
+                    for part, (kind, hooks) in recorders.items():
+                        if isinstance(callback, kind):
+                            for hook in hooks:
+                                setattr(callback, hook, self.timed(getattr(callback, hook), part))
 
-        def timed(self, hook: Callable[..., None]) -> Callable[..., None]:
-            def run(*args: Any) -> None:
+        def timed(self, hook: Callable[..., None], part: str) -> Callable[..., None]:
+            """`hook`, its wall and CPU seconds added to `part`'s entries for the current epoch."""
+            def run(*args: Any, **kwargs: Any) -> None:
                 wall, cpu = self.clock.now(), time.process_time()
-                hook(*args)
-                self.clock.marks["diagnostics_s"].append(self.clock.now() - wall)
-                self.clock.marks["diagnostics_cpu_s"].append(time.process_time() - cpu)
+                hook(*args, **kwargs)
+                if self.clock.marks["epoch_starts_s"]:  # not in the sanity check's val pass, before epoch 0
+                    self.clock.marks[f"{part}_s"][-1] += self.clock.now() - wall
+                    self.clock.marks[f"{part}_cpu_s"][-1] += time.process_time() - cpu
             return run
 
         def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             self.clock.epoch_start()
+            for part in RECORDING:
+                for unit in ("", "_cpu"):
+                    self.clock.marks[f"{part}{unit}_s"].append(0.0)
 
         def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                  batch_idx: int) -> None:
@@ -531,37 +558,58 @@ COLUMNS = {  # summary key: (table heading, format)
     "epoch_s": ("epoch s", ".3f"), "epoch_cpu_s": ("epoch cpu s", ".3f"), "first_step_s": ("first step s", ".2f"),
     "wall_s": ("wall s", ".1f"), "cpu_s": ("cpu s", ".1f"), "peak_rss_mb": ("peak RSS MB", ".0f"),
     "val_s": ("val s", ".4f"), "test_s": ("test s", ".4f"), "figures_s": ("figures s", ".3f"),
-    "diagnostics_s": ("diag s", ".4f"), "test_acc": ("test acc", ".4f")}
+    "diagnostics_s": ("diag s", ".4f"), "recording_s": ("record s", ".4f"), "test_acc": ("test acc", ".4f")}
 RATIOS = (("kit", "floor", ("epoch", "epoch_cpu", "val", "test", "wall")), ("textbook", "floor", ("epoch", "wall")),
           ("classic", "kit", ("epoch", "wall")))
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-variant medians over rounds, and the ratios of RATIOS, each the median of per-round ratios."""
+    """Per-variant medians over rounds, and the ratios of RATIOS, each the median of per-round ratios.
+
+    A ratio to the floor divides by the geometric mean of the floor runs just before and just after the
+    run (`closing` marks the extra floor run after the last round), so that a machine whose speed drifts
+    through the benchmark slows or speeds both sides alike; without a floor run after it, by the one before.
+    """
     def per_run(r: dict[str, Any]) -> dict[str, float | None]:
         later = slice(1, None) if len(r["epoch_s"]) > 1 else slice(None)  # the first epoch warms up
-        diagnostics = {key: statistics.median(r[key][later]) if r[key] else None  # train.py runs only
-                       for key in ("diagnostics_s", "diagnostics_cpu_s")}
-        return {**{key: r[key] for key in COLUMNS if key != "diagnostics_s"}, **diagnostics,
-                **{key: statistics.median(r[key][later]) for key in ("epoch_s", "epoch_cpu_s", "val_s")}}
+        recorded = bool(r["diagnostics_s"])  # train.py runs only
+        parts = {f"{part}{unit}_s": statistics.median(r[f"{part}{unit}_s"][later]) if recorded else None
+                 for part in RECORDING for unit in ("", "_cpu")}
+        recording = {f"recording{unit}_s": statistics.median(map(sum, zip(*(r[f"{part}{unit}_s"][later]
+                                                                            for part in RECORDING))))
+                     if recorded else None for unit in ("", "_cpu")}
+        return {**{key: r[key] for key in COLUMNS if key not in parts and key not in recording}, **parts,
+                **recording, **{key: statistics.median(r[key][later]) for key in ("epoch_s", "epoch_cpu_s", "val_s")}}
 
-    runs = {v: [per_run(r) for r in records if r["variant"] == v] for v in VARIANTS}
+    runs = {v: [per_run(r) for r in records if r["variant"] == v and not r.get("closing")] for v in VARIANTS}
     runs = {v: rs for v, rs in runs.items() if rs}
+    floors = [per_run(r) for r in records if r["variant"] == "floor"]  # the closing one last
     variants = {v: {key: statistics.median(run[key] for run in rs) if rs[0][key] is not None else None
                     for key in COLUMNS} for v, rs in runs.items()}
+
+    def reference(bottom: str, key: str, round_: int) -> float:
+        if bottom == "floor" and round_ + 1 < len(floors):
+            return math.sqrt(floors[round_][key] * floors[round_ + 1][key])
+        return runs[bottom][round_][key]
+
     ratios = {}
     for top, bottom, keys in RATIOS:
         if top in runs and bottom in runs:
             for key in keys:
                 ratios[f"{top}/{bottom} {key.replace('_', ' ')}"] = statistics.median(
-                    a[f"{key}_s"] / b[f"{key}_s"] for a, b in zip(runs[top], runs[bottom]))
-    for unit in ("", "_cpu"):  # the diagnostics' share of the kit's epoch
-        shares = [r[f"diagnostics{unit}_s"] / r[f"epoch{unit}_s"] for r in runs.get("kit", [])
-                  if r[f"diagnostics{unit}_s"] is not None]
-        if shares:
-            ratios[f"kit diagnostics/epoch{unit.replace('_', ' ')}"] = statistics.median(shares)
+                    run[f"{key}_s"] / reference(bottom, f"{key}_s", i) for i, run in enumerate(runs[top]))
+    kit = [r for r in runs.get("kit", []) if r["recording_s"] is not None]
+    if kit and "floor" in runs:  # the kit's epoch without what it records, against the floor's
+        ratios["kit/floor epoch less recording"] = statistics.median(
+            (r["epoch_s"] - r["recording_s"]) / reference("floor", "epoch_s", i) for i, r in enumerate(kit))
+    for part in ("diagnostics", "recording"):  # shares of the kit's epoch
+        for unit in ("", "_cpu"):
+            shares = [r[f"{part}{unit}_s"] / r[f"epoch{unit}_s"] for r in kit]
+            if shares:
+                ratios[f"kit {part}/epoch{unit.replace('_', ' ')}"] = statistics.median(shares)
+    recording = {part: statistics.median(r[f"{part}_s"] for r in kit) for part in RECORDING} if kit else None
     loads = [r["load_1min"] for r in records]
-    return {"variants": variants, "ratios": ratios,
+    return {"variants": variants, "ratios": ratios, "kit_recording_s": recording,
             "load_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)}}
 
 
@@ -586,6 +634,10 @@ def format_table(settings: dict[str, Any], summary: dict[str, Any]) -> str:
     for name, value in summary["ratios"].items():
         target = TARGETS.get(name)
         lines.append(f"{name:<18}{value:8.2f}" + (f"   target <= {target}" if target is not None else ""))
+    if summary["kit_recording_s"]:
+        lines.append("kit recording s   " + ", ".join(f"{part} {seconds * 1000:.1f} ms"
+                                                    for part, seconds in summary["kit_recording_s"].items())
+                     + " an epoch")
     kit = summary["variants"].get("kit")
     if kit is not None:
         for name, key in (("kit first step s", "first_step_s"), ("kit wall s", "wall_s"),
@@ -637,6 +689,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def report(when: str, record: dict[str, Any]) -> None:
+    print(f"{when} {record['variant']:<8} epochs {statistics.median(record['epoch_s']):.3f} s  first step "
+          f"{record['first_step_s']:.2f} s  wall {record['wall_s']:.1f} s  load {record['load_1min']:.1f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parses argv (sys.argv[1:] when None), runs the rounds, prints the table and writes the JSON."""
     args = parse_args(argv)
@@ -676,9 +733,11 @@ def main(argv: list[str] | None = None) -> None:
                 done = (run_variant(variant, round_, args, overrides, spec_path, work) for variant in args.variants)
             for variant, record in zip(args.variants, done):
                 records.append(record)
-                print(f"round {round_ + 1}/{args.rounds} {variant:<8} "
-                      f"epochs {statistics.median(record['epoch_s']):.3f} s  first step {record['first_step_s']:.2f} s"
-                      f"  wall {record['wall_s']:.1f} s  load {record['load_1min']:.1f}", flush=True)
+                report(f"round {round_ + 1}/{args.rounds}", record)
+        if "floor" in args.variants and len(args.variants) > 1 and not args.side_by_side:
+            # one more floor run, so that every other run lies between two (see summarize)
+            records.append({**run_variant("floor", args.rounds, args, overrides, spec_path, work), "closing": True})
+            report("closing  ", records[-1])
     summary = summarize(records)
     print()
     print(format_table(settings, summary))

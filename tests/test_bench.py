@@ -15,7 +15,8 @@ from conftest import ROOT
 BENCH = ROOT / "scripts" / "bench.py"
 VARIANTS = ["floor", "kit", "textbook", "classic"]
 PER_VARIANT = ("epoch_s", "epoch_cpu_s", "first_step_s", "wall_s", "cpu_s", "peak_rss_mb", "val_s", "test_s",
-               "figures_s", "diagnostics_s", "test_acc")
+               "figures_s", "diagnostics_s", "recording_s", "test_acc")
+RECORDING = ("checkpoints", "diagnostics", "histograms", "history")
 
 
 def test_quick_bench_runs_every_variant_prints_the_table_and_writes_json(data_root, tmp_path):
@@ -45,7 +46,7 @@ def test_quick_bench_runs_every_variant_prints_the_table_and_writes_json(data_ro
     for variant, summary in record["variants"].items():
         assert set(summary) == set(PER_VARIANT), variant
         for key, value in summary.items():
-            if key in ("figures_s", "diagnostics_s") and variant not in ("kit", "textbook"):  # train.py's only
+            if key in ("figures_s", "diagnostics_s", "recording_s") and variant not in ("kit", "textbook"):  # train.py's
                 assert value is None
             else:
                 assert isinstance(value, float) and value >= 0, (variant, key, value)
@@ -54,16 +55,33 @@ def test_quick_bench_runs_every_variant_prints_the_table_and_writes_json(data_ro
     assert set(record["ratios"]) == {"kit/floor epoch", "kit/floor epoch cpu", "kit/floor val", "kit/floor test",
                                      "kit/floor wall", "textbook/floor epoch", "textbook/floor wall",
                                      "classic/kit epoch", "classic/kit wall", "kit diagnostics/epoch",
-                                     "kit diagnostics/epoch cpu"}
+                                     "kit diagnostics/epoch cpu", "kit recording/epoch", "kit recording/epoch cpu",
+                                     "kit/floor epoch less recording"}
     assert all(value > 0 for value in record["ratios"].values())
 
     runs = record["runs"]
-    assert [run["variant"] for run in runs] == VARIANTS  # interleaved: one of each per round
+    # interleaved, one of each per round, then a closing floor run: each run between two floor runs
+    assert [run["variant"] for run in runs] == [*VARIANTS, "floor"] and runs[-1]["closing"] is True
     for run in runs:
         assert run["returncode"] == 0
         assert len(run["epoch_s"]) == len(run["epoch_cpu_s"]) == len(run["val_s"]) == 2  # a val pass per epoch
     assert runs[1]["figures_s"] > 0 and runs[2]["figures_s"] > 0  # the kit's real test path: figures, metrics.json
     assert len(runs[1]["diagnostics_s"]) == 2 and 0 < record["ratios"]["kit diagnostics/epoch"] < 1  # once an epoch
+
+    # the floor's table row is its round's run; the ratio divides by the geometric mean of both floor runs
+    floor, kit, closing = runs[0], runs[1], runs[-1]
+    assert record["variants"]["floor"]["epoch_s"] == floor["epoch_s"][1]
+    assert record["ratios"]["kit/floor epoch"] == pytest.approx(
+        kit["epoch_s"][1] / (floor["epoch_s"][1] * closing["epoch_s"][1]) ** 0.5)
+    # what the kit records each epoch, timed part by part: every part ran in both epochs (2 checkpoints each)
+    for part in RECORDING:
+        assert len(kit[f"{part}_s"]) == 2 and all(seconds > 0 for seconds in kit[f"{part}_s"]), part
+    recorded = sum(kit[f"{part}_s"][1] for part in RECORDING)
+    assert record["variants"]["kit"]["recording_s"] == pytest.approx(recorded)
+    assert record["kit_recording_s"] == pytest.approx({part: kit[f"{part}_s"][1] for part in RECORDING})
+    assert record["ratios"]["kit/floor epoch less recording"] == pytest.approx(
+        (kit["epoch_s"][1] - recorded) / (floor["epoch_s"][1] * closing["epoch_s"][1]) ** 0.5)
+    assert any(line.startswith("kit recording s   checkpoints ") for line in lines)
 
 
 def test_side_by_side_runs_a_rounds_variants_at_the_same_time(data_root, tmp_path):
@@ -75,12 +93,12 @@ def test_side_by_side_runs_a_rounds_variants_at_the_same_time(data_root, tmp_pat
     assert result.returncode == 0, result.stdout + result.stderr
     assert "medians of 1 rounds, side by side" in result.stdout
     record = json.loads(out.read_text())
-    floor, kit = record["runs"]
+    floor, kit = record["runs"]  # side by side: no closing floor run, each round's ratio is to its own floor
     assert (floor["variant"], kit["variant"]) == ("floor", "kit") and floor["round"] == kit["round"] == 0
     # each started before the other ended: they ran at the same time
     assert kit["started_at"] < floor["started_at"] + floor["wall_s"]
     assert floor["started_at"] < kit["started_at"] + kit["wall_s"]
-    assert record["ratios"]["kit/floor epoch"] > 0
+    assert record["ratios"]["kit/floor epoch"] == pytest.approx(kit["epoch_s"][1] / floor["epoch_s"][1])
 
 
 def test_side_by_side_refuses_more_threads_than_cores(tmp_path):

@@ -28,8 +28,9 @@ round's variants at the same moment instead, each on its own cores (variants x -
 that each round's ratios compare epochs run under the same conditions; the kit starts its first epoch a
 few seconds after the floor (its imports), and runs its last ones after the floor has ended.
 --paired goes further: the kit alone, each of its training epochs preceded by a plain-PyTorch epoch
-in the same process over the same tensors (`paired_floor`); the ratio compares the training steps
-only, seconds apart, without val passes, checkpoints or start-up. Per variant, the medians over rounds of:
+in the same process over the same tensors (`paired_floor`), seconds apart, without start-up; one ratio
+compares the training steps only, the other the whole epoch (the floor's val pass beside the kit's val
+pass, checkpoints, diagnostics and history: epoch s below). Per variant, the medians over rounds of:
     epoch s       one training epoch plus its val pass (the kit's also its checkpoints, histograms and
                   history), median over the epochs after the first
     epoch cpu s   the same epochs in CPU seconds of the process, all threads: with --threads 1 the
@@ -82,6 +83,7 @@ from typing import Any, Callable, Iterable, Iterator
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("floor", "kit", "textbook", "classic")
 KIT_VARIANTS = {"kit": [], "textbook": ["data.steps_per_call=1"]}  # train.py runs, with their overrides
+PAIRED = ("train", "whole")  # --paired's two comparisons (paired_floor)
 # What the kit records every epoch and the floor does not, timed in its epoch_timer callback
 RECORDING = ("checkpoints", "diagnostics", "histograms", "history")
 QUICK_EPOCHS, QUICK_BATCHES = 2, 64  # --quick: the second epoch gives one epoch time after the first; 64: one call at conf/data's steps_per_call
@@ -237,12 +239,15 @@ def paired_floor(path: str) -> Any:
 
     The floor epoch trains a copy of the kit's current model with a new optimizer of the same class and
     settings (the epoch's learning rate included), over the kit's own training tensors in a shuffled order
-    of its own, in slices of the kit's batch size: the floor's loop. Then the kit's epoch runs, timed up to
-    the end of its last training batch: its steps, Lightning's batch loop, the train metrics and the last
-    batch's histograms. Not what follows in Lightning 2.x's epoch: the val pass (run at the last batch's
-    end), on_train_epoch_end's checkpoints and diagnostics (timed apart by the default mode).
+    of its own, in slices of the kit's batch size: the floor's loop; then it evaluates the copy on the kit's
+    val tensors as the floor variant does. Two pairs per epoch:
+      train  the floor's steps against the kit's epoch up to the end of its last training batch: its steps,
+             Lightning's batch loop, the train metrics and the last batch's histograms;
+      whole  the floor's steps and val pass against the kit's whole epoch, up to the next epoch's start (or
+             the end of training): also its val pass, checkpoints, diagnostics and history, as epoch s of
+             the default mode.
     Same process, same threads, same data, seconds apart: the machine's drift reaches both alike. Writes
-    [(floor s, kit s), ...] to `path` when fitting ends.
+    {"train": [(floor s, kit s), ...], "whole": [...]} to `path` when fitting ends.
     """
     import copy
 
@@ -251,11 +256,13 @@ def paired_floor(path: str) -> Any:
 
     class PairedFloor(L.Callback):
         def __init__(self) -> None:
-            self.pairs: list[tuple[float, float]] = []
-            self.kit_start = 0.0
+            self.pairs: dict[str, list[tuple[float, float]]] = {"train": [], "whole": []}
+            self.kit_start: float | None = None
 
         def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.close_epoch()
             x, y = trainer.datamodule.splits["train"]  # (N, D), (N,) on the training device
+            x_val, y_val = trainer.datamodule.splits["val"]
             model = copy.deepcopy(pl_module.model)
             kit_optimizer = trainer.optimizers[0]
             optimizer = type(kit_optimizer)(model.parameters(), **kit_optimizer.defaults)
@@ -264,7 +271,7 @@ def paired_floor(path: str) -> Any:
             loss_fn = torch.nn.CrossEntropyLoss()
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(trainer.current_epoch))
             order = order.to(x.device)
-            size = trainer.datamodule.batch_size
+            size, eval_size = trainer.datamodule.batch_size, trainer.datamodule.eval_batch_size
             self.wait = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
             self.wait()
             start = time.perf_counter()
@@ -275,7 +282,16 @@ def paired_floor(path: str) -> Any:
                 loss.backward()
                 optimizer.step()
             self.wait()
-            self.floor = time.perf_counter() - start
+            self.floor_train = time.perf_counter() - start
+            model.eval()
+            with torch.no_grad():  # the floor variant's val pass: forward, loss and accuracy, one host sync
+                correct, loss_sum = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+                for i in range(0, len(x_val), eval_size):
+                    logits = model(x_val[i:i + eval_size])
+                    loss_sum += loss_fn(logits, y_val[i:i + eval_size]) * len(logits)
+                    correct += (logits.argmax(1) == y_val[i:i + eval_size]).sum()
+                float(correct)
+            self.floor_whole = time.perf_counter() - start
             self.kit_start = time.perf_counter()
 
         def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -283,7 +299,16 @@ def paired_floor(path: str) -> Any:
             # the last batch's end: callbacks listed before this one (the histograms) have run, val has not
             if batch_idx + 1 == trainer.num_training_batches:
                 self.wait()
-                self.pairs.append((self.floor, time.perf_counter() - self.kit_start))
+                self.pairs["train"].append((self.floor_train, time.perf_counter() - self.kit_start))
+
+        def close_epoch(self) -> None:
+            if self.kit_start is not None:  # the kit's previous epoch, val and epoch-end work included
+                self.wait()
+                self.pairs["whole"].append((self.floor_whole, time.perf_counter() - self.kit_start))
+                self.kit_start = None
+
+        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.close_epoch()
 
         def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             Path(path).write_text(json.dumps(self.pairs) + "\n")
@@ -291,7 +316,7 @@ def paired_floor(path: str) -> Any:
     return PairedFloor()
 
 
-def run_paired(args: argparse.Namespace, overrides: list[str], work: Path) -> list[list[tuple[float, float]]]:
+def run_paired(args: argparse.Namespace, overrides: list[str], work: Path) -> list[dict[str, list[tuple[float, float]]]]:
     """--paired: the kit alone, --rounds runs, each epoch paired with a floor epoch; returns each run's pairs."""
     runs = []
     for round_ in range(args.rounds):
@@ -300,10 +325,17 @@ def run_paired(args: argparse.Namespace, overrides: list[str], work: Path) -> li
                               f"paired_floor={{_target_:bench.paired_floor,path:'{work / name}.json'}}")
         _, pairs = run_to_result(f"the paired kit run (round {round_})", command, work / name, time.time(), args)
         runs.append(pairs)
-        ratios = [kit / floor for floor, kit in runs[-1]]
-        print(f"round {round_ + 1}/{args.rounds} kit/floor train epoch, paired: "
-              + " ".join(f"{r:.2f}" for r in ratios), flush=True)
+        for part in PAIRED:
+            print(f"round {round_ + 1}/{args.rounds} kit/floor {part} epoch, paired: "
+                  + " ".join(f"{kit / floor:.2f}" for floor, kit in pairs[part]), flush=True)
     return runs
+
+
+def paired_ratios(runs: list[dict[str, list[tuple[float, float]]]]) -> dict[str, float]:
+    """Per part of PAIRED, the median of kit/floor over every run's epochs after the first."""
+    return {part: statistics.median(kit / floor for pairs in runs
+                                    for floor, kit in (pairs[part][1:] if len(pairs[part]) > 1 else pairs[part]))
+            for part in PAIRED}
 
 
 # ---- the floor and classic children -------------------------------------------------------------
@@ -713,13 +745,14 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         if args.paired:
             runs = run_paired(args, overrides, work)
-            later = [kit / floor for pairs in runs for floor, kit in (pairs[1:] if len(pairs) > 1 else pairs)]
-            ratio = statistics.median(later)
+            ratios = paired_ratios(runs)
             print(f"\n{args.dataset}, {args.model}, batch {args.batch_size}, {args.device}, {args.threads} threads, "
-                  f"{args.epochs} epochs, {args.rounds} rounds, paired in one process; kit/floor train epoch "
-                  f"(median over the epochs after the first): {ratio:.2f}   target <= {TARGETS['kit/floor epoch']}")
+                  f"{args.epochs} epochs, {args.rounds} rounds, paired in one process; medians over the epochs "
+                  f"after the first:\nkit/floor train epoch {ratios['train']:.2f} (the training steps)\n"
+                  f"kit/floor whole epoch {ratios['whole']:.2f} (with the val pass, and the kit's recording)   "
+                  f"target <= {TARGETS['kit/floor epoch']}")
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"settings": settings, "paired_ratio": ratio, "runs": runs}, indent=2) + "\n")
+            out.write_text(json.dumps({"settings": settings, "paired_ratios": ratios, "runs": runs}, indent=2) + "\n")
             print(f"\nwrote {out}")
             return
         spec_path = work / "spec.json"

@@ -115,9 +115,14 @@ def test_paired_times_each_kit_epoch_beside_a_floor_epoch_in_its_process(data_ro
                              str(data_root), "--val-size", "200", "--batch-size", "50", "--json", str(out)],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "paired in one process; kit/floor train epoch" in result.stdout
+    assert "paired in one process" in result.stdout
+    assert "kit/floor train epoch" in result.stdout and "kit/floor whole epoch" in result.stdout
     record = json.loads(out.read_text())
     (pairs,) = record["runs"]  # --quick: one round
-    assert len(pairs) == 2  # a (floor s, kit s) pair per epoch
-    assert all(floor > 0 and kit > 0 for floor, kit in pairs)
-    assert record["paired_ratio"] == pytest.approx(pairs[1][1] / pairs[1][0])  # the epochs after the first
+    for part in ("train", "whole"):
+        assert len(pairs[part]) == 2  # a (floor s, kit s) pair per epoch
+        assert all(floor > 0 and kit > 0 for floor, kit in pairs[part])
+        assert record["paired_ratios"][part] == pytest.approx(pairs[part][1][1] / pairs[part][1][0])  # epochs after the first
+    # a whole epoch holds its training part, and more: the val passes (and the kit's checkpoints, diagnostics...)
+    for (floor_train, kit_train), (floor_whole, kit_whole) in zip(pairs["train"], pairs["whole"]):
+        assert floor_whole > floor_train and kit_whole > kit_train

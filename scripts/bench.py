@@ -22,8 +22,8 @@ variant, and each keeps its freed memory for the next step (mlplab.allocator: th
 floor and classic children call it alike). Rounds are interleaved (floor kit classic floor kit classic
 ...) so that a noisy machine slows all variants alike, and one more floor run closes the last round, so
 that every run lies between two floor runs: a ratio to the floor divides by the geometric mean of the
-two, which cancels a speed that drifts steadily through the benchmark. On a machine whose speed drifts within a run (a
-shared VM: epochs of one process were seen to vary 2x over tens of seconds), --side-by-side starts a
+two, which cancels a speed that drifts steadily through the benchmark. On a machine whose speed drifts
+within a run (a shared VM: epochs of one process were seen to vary 2x over tens of seconds), --side-by-side starts a
 round's variants at the same moment instead, each on its own cores (variants x --threads <= cores), so
 that each round's ratios compare epochs run under the same conditions; the kit starts its first epoch a
 few seconds after the floor (its imports), and runs its last ones after the floor has ended.
@@ -615,13 +615,14 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
     runs = {v: [per_run(r) for r in records if r["variant"] == v and not r.get("closing")] for v in VARIANTS}
     runs = {v: rs for v, rs in runs.items() if rs}
-    floors = [per_run(r) for r in records if r["variant"] == "floor"]  # the closing one last
+    closing = [per_run(r) for r in records if r.get("closing")]  # none side by side: a round's floor ran with it
     variants = {v: {key: statistics.median(run[key] for run in rs) if rs[0][key] is not None else None
                     for key in COLUMNS} for v, rs in runs.items()}
 
     def reference(bottom: str, key: str, round_: int) -> float:
-        if bottom == "floor" and round_ + 1 < len(floors):
-            return math.sqrt(floors[round_][key] * floors[round_ + 1][key])
+        if bottom == "floor" and closing:
+            after = (runs["floor"] + closing)[round_ + 1]
+            return math.sqrt(runs["floor"][round_][key] * after[key])
         return runs[bottom][round_][key]
 
     ratios = {}

@@ -3,6 +3,7 @@ only that every variant ran through its real path and that the table and the JSO
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -126,3 +127,38 @@ def test_paired_times_each_kit_epoch_beside_a_floor_epoch_in_its_process(data_ro
     # a whole epoch holds its training part, and more: the val passes (and the kit's checkpoints, diagnostics...)
     for (floor_train, kit_train), (floor_whole, kit_whole) in zip(pairs["train"], pairs["whole"]):
         assert floor_whole > floor_train and kit_whole > kit_train
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def record(variant: str, round_: int, epoch_s: float, **extra) -> dict:
+    """A run's record as run_variant writes it, two epochs of `epoch_s` each; a kit's records 0.1 s an epoch."""
+    kit = variant == "kit"
+    parts = {f"{part}{unit}_s": [0.025, 0.025] if kit else [] for part in RECORDING for unit in ("", "_cpu")}
+    return {"variant": variant, "round": round_, "epoch_s": [epoch_s] * 2, "epoch_cpu_s": [epoch_s] * 2,
+            "val_s": [0.01] * 2, "first_step_s": 1.0, "wall_s": 5.0, "cpu_s": 5.0, "peak_rss_mb": 1000.0,
+            "test_s": 0.02, "figures_s": 0.5 if kit else None, "test_acc": 0.98, "load_1min": 0.5, **parts, **extra}
+
+
+def test_a_ratio_to_the_floor_divides_by_the_floor_runs_on_both_sides_of_the_run():
+    summarize = load_bench().summarize
+    # the machine slows steadily: floor runs of 1.0, 1.2, 1.44 s around kit runs of 1.1 and 1.32 s
+    records = [record("floor", 0, 1.0), record("kit", 0, 1.1), record("floor", 1, 1.2), record("kit", 1, 1.32),
+               record("floor", 2, 1.44, closing=True)]
+    summary = summarize(records)
+    expected = 1.1 / (1.0 * 1.2) ** 0.5  # both rounds alike: 1.32 / (1.2 * 1.44) ** 0.5
+    assert summary["ratios"]["kit/floor epoch"] == pytest.approx(expected)
+    less = [(1.1 - 0.1) / (1.0 * 1.2) ** 0.5, (1.32 - 0.1) / (1.2 * 1.44) ** 0.5]  # 0.1 s of recording each
+    assert summary["ratios"]["kit/floor epoch less recording"] == pytest.approx(sum(less) / 2)  # median of two
+    assert summary["variants"]["floor"]["epoch_s"] == pytest.approx(1.1)  # the rounds' runs only, not the closing one
+    assert summary["kit_recording_s"] == pytest.approx({part: 0.025 for part in RECORDING})
+    assert summary["ratios"]["kit recording/epoch"] == pytest.approx((0.1 / 1.1 + 0.1 / 1.32) / 2)  # median of two
+
+    # side by side (no closing run): each round's ratio is to the floor that ran beside it
+    side_by_side = summarize(records[:4])
+    assert side_by_side["ratios"]["kit/floor epoch"] == pytest.approx(1.1)

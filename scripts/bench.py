@@ -283,14 +283,8 @@ def paired_floor(path: str) -> Any:
                 optimizer.step()
             self.wait()
             self.floor_train = time.perf_counter() - start
-            model.eval()
-            with torch.no_grad():  # the floor variant's val pass: forward, loss and accuracy, one host sync
-                correct, loss_sum = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
-                for i in range(0, len(x_val), eval_size):
-                    logits = model(x_val[i:i + eval_size])
-                    loss_sum += loss_fn(logits, y_val[i:i + eval_size]) * len(logits)
-                    correct += (logits.argmax(1) == y_val[i:i + eval_size]).sum()
-                float(correct)
+            plain_evaluate(model, loss_fn, ((x_val[i:i + eval_size], y_val[i:i + eval_size])
+                                            for i in range(0, len(x_val), eval_size)), x.device)
             self.floor_whole = time.perf_counter() - start
             self.kit_start = time.perf_counter()
 
@@ -340,6 +334,24 @@ def paired_ratios(runs: list[dict[str, list[tuple[float, float]]]]) -> dict[str,
 
 # ---- the floor and classic children -------------------------------------------------------------
 
+def plain_evaluate(model: Any, loss_fn: Any, batches: Iterable, device: Any) -> float:
+    """The floor's val or test pass: accuracy of `model` over the (x, y) batches, in eval mode without
+    gradients; the loss is computed too, as the kit's eval does. Leaves `model` in train mode."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        correct, total, loss_sum = torch.zeros((), device=device), 0, torch.zeros((), device=device)
+        for x, y in batches:
+            logits = model(x.to(device).flatten(1))  # (B, D) -> (B, K)
+            y = y.to(device)
+            loss_sum += loss_fn(logits, y) * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            total += len(y)
+    model.train()
+    return float(correct) / total  # the one host sync of the pass
+
+
 def train_and_test(spec: dict[str, Any], clock: Clock, device: Any, epoch_batches: Callable[[int], Iterable],
                    val_batches: Callable[[], Iterable], test_batches: Callable[[], Iterable]) -> float:
     """The loop the floor and classic variants share; only where their batches come from differs.
@@ -367,19 +379,8 @@ def train_and_test(spec: dict[str, Any], clock: Clock, device: Any, epoch_batche
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, **spec["scheduler"])
     loss_fn = nn.CrossEntropyLoss()
 
-    @torch.no_grad()
     def evaluate(batches: Iterable) -> float:
-        """Accuracy over the batches; the loss is computed too, as the kit's eval does."""
-        model.eval()
-        correct, total, loss_sum = torch.zeros((), device=device), 0, torch.zeros((), device=device)
-        for x, y in batches:
-            logits = model(x.to(device).flatten(1))  # (B, D) -> (B, K)
-            y = y.to(device)
-            loss_sum += loss_fn(logits, y) * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            total += len(y)
-        model.train()
-        return float(correct) / total  # the one host sync of the pass
+        return plain_evaluate(model, loss_fn, batches, device)
 
     for epoch in range(spec["epochs"]):
         clock.epoch_start()
@@ -631,7 +632,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             for key in keys:
                 ratios[f"{top}/{bottom} {key.replace('_', ' ')}"] = statistics.median(
                     run[f"{key}_s"] / reference(bottom, f"{key}_s", i) for i, run in enumerate(runs[top]))
-    kit = [r for r in runs.get("kit", []) if r["recording_s"] is not None]
+    kit = runs.get("kit", [])  # train.py runs: each carries its recording's timings
     if kit and "floor" in runs:  # the kit's epoch without what it records, against the floor's
         ratios["kit/floor epoch less recording"] = statistics.median(
             (r["epoch_s"] - r["recording_s"]) / reference("floor", "epoch_s", i) for i, r in enumerate(kit))

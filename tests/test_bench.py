@@ -1,5 +1,6 @@
 """scripts/bench.py end to end in its quick mode, on the synthetic IDX files: no timing is asserted,
-only that every variant ran through its real path and that the table and the JSON say so."""
+only that every variant ran through its real path and that the table and the JSON say so; and its
+summary's arithmetic on made-up runs."""
 
 from __future__ import annotations
 
